@@ -1,0 +1,299 @@
+"""``CoupledAdam``: AdamW whose embedding matrices share one second moment per hidden column.
+
+Every hyperparameter lives in the param groups, as in ``torch.optim.AdamW``. Groups without
+``"coupled": True`` are stepped by torch's own AdamW functional (foreach, fused or single-tensor,
+as chosen), so they match ``torch.optim.AdamW`` bit for bit. Coupled groups go through
+:mod:`coupled_ds.kernels`; where the pieces of a coupled matrix live is described by
+:class:`~coupled_ds.geometry.ShardGeometry`, attached by engine adapters with
+:meth:`CoupledAdam.set_geometry`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import adamw as torch_adamw
+from torch.utils.weak import WeakIdKeyDictionary
+
+from coupled_ds import kernels
+from coupled_ds.geometry import ShardGeometry, full_matrix_geometry
+from coupled_ds.reduce import ColumnSums, allreduce_column_sums_
+
+__all__ = ["CoupledAdam"]
+
+
+def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                           avg_scale: float, where: str) -> None:
+    if not (isinstance(lr, float | int) and lr >= 0.0):
+        raise ValueError(f"CoupledAdam {where}: invalid lr={lr!r}; expected a number >= 0.")
+    if not (isinstance(eps, float | int) and eps >= 0.0):
+        raise ValueError(f"CoupledAdam {where}: invalid eps={eps!r}; expected a number >= 0.")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"CoupledAdam {where}: invalid betas={betas!r}; expected two numbers in [0, 1).")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"CoupledAdam {where}: invalid weight_decay={weight_decay!r}; expected >= 0.")
+    if not avg_scale > 0.0:
+        raise ValueError(f"CoupledAdam {where}: invalid avg_scale={avg_scale!r}; expected > 0 "
+                         "(Scaled Coupled Adam uses 2**-n).")
+
+
+class CoupledAdam(torch.optim.Optimizer):
+    r"""Coupled Adam (Stollenwerk & Stollenwerk, ACL 2025).
+
+    For a param group with ``"coupled": True`` whose tensors are [V, H] embedding matrices
+    (rows = vocabulary), with gradient g, step t::
+
+        p     <- p (1 - lr wd)
+        m     <- beta1 m + (1 - beta1) g
+        v     <- beta2 v + (1 - beta2) g^2                     (kept full size)
+        vbar  = avg_scale * mean over rows i < vocab_size of v[i, :]        [H]
+        p     <- p - lr / (1 - beta1^t) * m / (sqrt(vbar / (1 - beta2^t)) + eps)
+
+    Every other group is exactly ``torch.optim.AdamW``.
+
+    Args:
+        params: Tensors or param-group dicts. Group keys beyond AdamW's: ``coupled`` (bool),
+            ``vocab_size`` (rows counted in the mean; rows at or beyond it are padding; default
+            all rows), ``avg_scale`` (multiplies vbar), ``coupled_names`` (names for messages).
+        lr, betas, eps, weight_decay: As ``torch.optim.AdamW``.
+        avg_scale: Default ``avg_scale`` of coupled groups (Scaled Coupled Adam: 2**-n).
+        amsgrad: AMSGrad for uncoupled groups only; a coupled group with it raises.
+        maximize: Maximize instead of minimize.
+        foreach, fused: Implementation of the uncoupled groups, as in ``torch.optim.AdamW``.
+        blocked: Coupled update in cache-sized row chunks (fast) rather than whole tensors.
+        geometries: (tensor, ShardGeometry) pairs for coupled tensors that are pieces of a larger
+            matrix (see :meth:`set_geometry`).
+
+    State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` with the parameter's own shape, so
+    DeepSpeed's and Megatron's checkpoint tools read it unchanged.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        avg_scale: float = 1.0,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        blocked: bool = True,
+        geometries: Iterable[tuple[torch.Tensor, ShardGeometry]] = (),
+    ) -> None:
+        _check_hyperparameters(lr, betas, eps, weight_decay, avg_scale, "defaults")
+        if fused and foreach:
+            raise ValueError("CoupledAdam: foreach=True and fused=True cannot both be set; pick one.")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        avg_scale=avg_scale, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                        fused=fused, coupled=False, vocab_size=None, coupled_names=None)
+        self.blocked = blocked
+        self._geometry: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        for tensor, geometry in geometries:
+            self.set_geometry(tensor, geometry)
+        self._empty_pieces: list[tuple[ShardGeometry, torch.device]] = []
+        self.last_reduce_bytes = 0
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups and geometry
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        where = f"param group {len(self.param_groups) - 1}"
+        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                               group["avg_scale"], where)
+        if group["coupled"]:
+            self._check_coupled_group(group, where)
+
+    def _check_coupled_group(self, group: dict[str, Any], where: str) -> None:
+        if group["amsgrad"]:
+            raise ValueError(
+                f"CoupledAdam {where}: amsgrad=True is not defined for coupled groups (the max of "
+                "a shared second moment is not the paper's method). Set amsgrad=False for the "
+                "coupled group, or move these parameters out of it.")
+        vocab_size = group["vocab_size"]
+        if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size <= 0):
+            raise ValueError(f"CoupledAdam {where}: vocab_size={vocab_size!r} must be a positive int.")
+        for index, p in enumerate(group["params"]):
+            name = self._name(group, index)
+            geometry = self._geometry.get(p)
+            if geometry is None and p.dim() != 2:
+                raise ValueError(
+                    f"Coupled parameter {name} has shape {tuple(p.shape)}; coupled parameters must "
+                    "be 2-D [V, H] (rows = vocabulary), or be given a flat-slice geometry with "
+                    "CoupledAdam.set_geometry(). Move it out of the coupled group, or fix the "
+                    "coupled-parameter selection (coupled_param_groups(names=...)).")
+            rows = geometry.rows_global if geometry is not None else p.shape[0]
+            if vocab_size is not None and vocab_size > rows:
+                raise ValueError(
+                    f"Coupled parameter {name}: vocab_size={vocab_size} is larger than its "
+                    f"{rows} rows. vocab_size is the real vocabulary; it must be <= the rows.")
+
+    @staticmethod
+    def _name(group: dict[str, Any], index: int) -> str:
+        names = group.get("coupled_names")
+        if names and index < len(names):
+            return repr(names[index])
+        return f"#{index} of a coupled group"
+
+    def set_geometry(self, tensor: torch.Tensor, geometry: ShardGeometry) -> None:
+        """Declare where ``tensor`` (a coupled tensor this optimizer steps) sits in its matrix.
+
+        Engine adapters call this for every coupled shard. Without it a coupled tensor must be a
+        whole [V, H] matrix held by this process alone.
+        """
+        geometry.check_fits(tensor, geometry.key)
+        self._geometry[tensor] = geometry
+
+    def geometry_of(self, tensor: torch.Tensor) -> ShardGeometry:
+        """The geometry of a coupled tensor (a whole local matrix unless one was set)."""
+        geometry = self._geometry.get(tensor)
+        if geometry is None:
+            if tensor.dim() != 2:
+                raise ValueError(
+                    f"A coupled tensor of shape {tuple(tensor.shape)} has no geometry. Coupled "
+                    "tensors must be 2-D [V, H] or be registered with CoupledAdam.set_geometry(); "
+                    "this usually means an engine flattened the parameters without the coupled_ds "
+                    "adapter (e.g. DeepSpeed without `import coupled_ds.deepspeed`).")
+            geometry = full_matrix_geometry(tensor, key=f"local-{id(tensor)}")
+        return geometry
+
+    def add_empty_piece(self, geometry: ShardGeometry, device: torch.device | str = "cpu") -> None:
+        """Take part in the reduction of a matrix this rank holds no element of.
+
+        Needed where an engine gives a rank no tensor at all for a matrix (Megatron's distributed
+        optimizer): the collective still needs this rank's zeros. ``geometry.numel`` must be 0;
+        ``device`` is where the collective's buffer lives (the NCCL device on GPUs).
+        """
+        if geometry.numel != 0:
+            raise ValueError(f"add_empty_piece({geometry.key!r}): numel must be 0, got {geometry.numel}.")
+        self._empty_pieces.append((geometry, torch.device(device)))
+
+    def clear_geometry(self) -> None:
+        """Forget all geometries and empty pieces (an adapter re-partitioning calls this)."""
+        self._geometry = WeakIdKeyDictionary()
+        self._empty_pieces = []
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0:
+            # Same layout as torch AdamW (non-capturable, non-fused): a float32 CPU scalar step.
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _check_grad(self, group: dict[str, Any], index: int, p: torch.Tensor) -> None:
+        if p.grad is not None and p.grad.is_sparse:
+            name = self._name(group, index) if group["coupled"] else f"#{index} of param group"
+            raise ValueError(
+                f"Parameter {name} has a sparse gradient; CoupledAdam does not support sparse "
+                "gradients. Use nn.Embedding(sparse=False).")
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step (one collective per group list for coupled groups)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        coupled = []
+        for group in self.param_groups:
+            if group["coupled"]:
+                coupled.append(group)
+            else:
+                self._adamw_group(group)
+        if coupled or self._empty_pieces:
+            self._coupled_groups(coupled)
+        return loss
+
+    def _adamw_group(self, group: dict[str, Any]) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+        for index, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            self._check_grad(group, index, p)
+            state = self._init_state(p)
+            if group["amsgrad"] and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        torch_adamw.adamw(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+            foreach=group["foreach"], fused=group["fused"],
+            has_complex=any(torch.is_complex(p) for p in params),
+            amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+
+    def _coupled_groups(self, groups: list[dict[str, Any]]) -> None:
+        """Moments, column sums, one reduction for all coupled matrices, then the updates."""
+        pieces = []  # (group, p, state, geometry, has_grad)
+        for group in groups:
+            self._check_coupled_group(group, "coupled group")
+            exp_avgs, exp_avg_sqs, grads = [], [], []
+            for index, p in enumerate(group["params"]):
+                self._check_grad(group, index, p)
+                geometry = self.geometry_of(p)
+                state = self._init_state(p)
+                if p.grad is not None:
+                    exp_avgs.append(kernels.owned_view(state["exp_avg"], geometry))
+                    exp_avg_sqs.append(kernels.owned_view(state["exp_avg_sq"], geometry))
+                    grads.append(kernels.owned_view(p.grad, geometry))
+                pieces.append((group, p, state, geometry, p.grad is not None))
+            beta1, beta2 = group["betas"]
+            kernels.update_moments_(exp_avgs, exp_avg_sqs, grads, beta1=beta1, beta2=beta2,
+                                    maximize=group["maximize"])
+        # A piece without a gradient still reports its (unchanged) v: the other pieces of the
+        # matrix need the whole column mean, and every rank must enter the collective.
+        sums: dict[str, ColumnSums] = {}
+        for group, p, state, geometry, _ in pieces:
+            entry = self._column_sums_entry(sums, geometry, p.device)
+            kernels.accumulate_column_sums_(entry.col_sum_H, state["exp_avg_sq"], geometry,
+                                            rows_limit=self._rows_counted(group, geometry))
+        for geometry, device in self._empty_pieces:
+            self._column_sums_entry(sums, geometry, device)
+        self.last_reduce_bytes = allreduce_column_sums_(sums)
+        for group, p, state, geometry, has_grad in pieces:
+            if has_grad:
+                self._apply(group, p, state, geometry, sums[geometry.key].col_sum_H)
+
+    @staticmethod
+    def _column_sums_entry(sums: dict[str, ColumnSums], geometry: ShardGeometry,
+                           device: torch.device) -> ColumnSums:
+        entry = sums.get(geometry.key)
+        if entry is None:
+            col_sum_H = torch.zeros(geometry.cols, dtype=torch.float32, device=device)
+            entry = sums[geometry.key] = ColumnSums(col_sum_H, geometry.groups)
+        return entry
+
+    @staticmethod
+    def _rows_counted(group: dict[str, Any], geometry: ShardGeometry) -> int:
+        vocab_size = group["vocab_size"]
+        return geometry.rows_global if vocab_size is None else vocab_size
+
+    def _apply(self, group: dict[str, Any], p: torch.Tensor, state: dict[str, Any],
+               geometry: ShardGeometry, col_sum_H: torch.Tensor) -> None:
+        state["step"] += 1
+        step = state["step"].item()
+        beta1, beta2 = group["betas"]
+        denom_H = kernels.column_denominator(
+            col_sum_H, count=self._rows_counted(group, geometry), avg_scale=group["avg_scale"],
+            bias_correction2=1.0 - beta2**step, eps=group["eps"])
+        kernels.apply_coupled_update_(
+            p, state["exp_avg"], denom_H, geometry, step_size=group["lr"] / (1.0 - beta1**step),
+            decay=1.0 - group["lr"] * group["weight_decay"], blocked=self.blocked)
