@@ -19,3 +19,10 @@ def coupled_adam_reference(p, grads, *, lr, betas, eps, weight_decay, avg_scale=
         vbar = avg_scale * v[:rows].mean(0)                                   # [H]
         p -= lr / (1 - betas[0] ** t) * m / ((vbar / (1 - betas[1] ** t)).sqrt() + eps)
     return p
+
+
+def max_relative_error(got, want) -> float:
+    """max |got - want| / max |want|: relative error on the matrix scale (an element-wise ratio is
+    meaningless for entries that pass through zero)."""
+    got, want = got.double(), want.double()
+    return ((got - want).abs().max() / want.abs().max()).item()
