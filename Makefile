@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/compare_adam.py
+	$(PY) examples/demo.py
 
 test: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests

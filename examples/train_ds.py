@@ -1,0 +1,314 @@
+"""Train the tiny GPT under DeepSpeed: the script every DeepSpeed path in launch/ runs.
+
+    # 2 local CPU ranks (what the demo does, through launch/deepspeed.sh):
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 examples/train_ds.py \\
+        --config launch/configs/zero2_cpu_coupled.json --save-dir runs/coupled
+    # torchrun works too (RANK / LOCAL_RANK / WORLD_SIZE from the environment):
+    torchrun --nproc_per_node 2 examples/train_ds.py --config ... --save-dir ...
+
+The DeepSpeed JSON config decides the optimizer ("CoupledAdam" through ``coupled_ds.deepspeed``,
+or "AdamW"), ZeRO stage, precision and schedule; ``--optimizer`` and ``--set key.path=value``
+override it without editing the file. Batches are a pure function of (seed, step), so a run that
+restarts from a checkpoint takes exactly the steps an uninterrupted run would have taken.
+
+Outputs under ``--save-dir``: ``checkpoints/`` (DeepSpeed checkpoints, tag ``step<N>``, with
+``latest``; a relaunch resumes from it), and on global rank 0 at the end ``final_model.pt``
+(fp32 state dict), ``metrics.json`` (validation loss and embedding metrics) and
+``token_counts.npy`` (training-token frequency of each id, for ``coupled_ds.report --freq``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import data as corpus_data  # noqa: E402  (examples/data.py)
+from gpt import GPT, GPTConfig  # noqa: E402  (examples/gpt.py)
+
+logger = logging.getLogger("train_ds")
+
+# Keys of a CoupledAdam optimizer block that torch's AdamW does not take.
+_COUPLED_ONLY_KEYS = ("embedding_weight_decay", "avg_scale", "vocab_size", "coupled_params")
+_FAIL_MARKER = "fail_at_step.done"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", required=True, help="DeepSpeed JSON config")
+    p.add_argument("--optimizer", choices=["config", "AdamW", "CoupledAdam"], default="config",
+                   help="override the config's optimizer type (its other params are kept)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config entry; VALUE is JSON or a string, e.g. "
+                        "--set zero_optimization.stage=3 --set bf16.enabled=false")
+    p.add_argument("--lr", type=float, default=None, help="override optimizer.params.lr")
+    p.add_argument("--data", nargs="*", default=None,
+                   help="text files or directories (default: the Python standard library)")
+    p.add_argument("--data-dir", default=None,
+                   help="tokenized corpus directory (built here if absent; default SAVE_DIR/data)")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--max-tokens", type=int, default=1_000_000)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="sequences per rank per micro-step (default: the config's)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--save-dir", required=True, help="checkpoints and outputs")
+    p.add_argument("--save-interval", type=int, default=0,
+                   help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--eval-interval", type=int, default=0,
+                   help="validation loss every N steps (0: only at the end)")
+    p.add_argument("--eval-seqs", type=int, default=64, help="validation sequences")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fail-at-step", type=int, default=None,
+                   help="TEST ONLY: --fail-rank dies by SIGKILL on reaching this step, once per "
+                        "save dir (a marker file there records it)")
+    p.add_argument("--fail-rank", type=int, default=-1,
+                   help="TEST ONLY: global rank that dies (-1: the last)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher")
+    return p.parse_args(argv)
+
+
+def _set_path(cfg: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override to the nested config dict."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. bf16.enabled=false")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    node = cfg
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def build_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The DeepSpeed config: the JSON file plus the command line's overrides."""
+    try:
+        cfg = json.loads(Path(args.config).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--config {args.config}: cannot read it as JSON ({err}).") from err
+    for assignment in args.set:
+        _set_path(cfg, assignment)
+    opt = cfg.setdefault("optimizer", {"type": "CoupledAdam", "params": {}})
+    params = opt.setdefault("params", {})
+    if args.optimizer != "config":
+        opt["type"] = args.optimizer
+    if args.lr is not None:
+        params["lr"] = args.lr
+    if opt["type"] == "AdamW":
+        for key in _COUPLED_ONLY_KEYS:
+            params.pop(key, None)
+        params.setdefault("torch_adam", True)  # torch's AdamW: what CoupledAdam's other groups run
+    if args.micro_batch is not None:
+        cfg["train_micro_batch_size_per_gpu"] = args.micro_batch
+    cfg.pop("train_batch_size", None)  # derived: micro batch x accumulation x world size
+    sched = cfg.get("scheduler", {}).get("params")
+    if sched is not None and sched.get("total_num_steps", "auto") == "auto":
+        sched["total_num_steps"] = args.steps
+    if sched is not None and sched.get("warmup_num_steps") == "auto":
+        sched["warmup_num_steps"] = max(1, args.steps // 10)
+    return cfg
+
+
+def batch(train_N: np.ndarray, *, seed: int, step: int, micro: int, rank: int, world: int,
+          B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's [B, T] inputs and targets: random windows drawn from (seed, step, micro)."""
+    rng = np.random.default_rng([seed, step, micro])
+    starts = rng.integers(0, len(train_N) - T - 1, size=B * world)[rank * B:(rank + 1) * B]
+    x = np.stack([train_N[s:s + T] for s in starts]).astype(np.int64)
+    y = np.stack([train_N[s + 1:s + T + 1] for s in starts]).astype(np.int64)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+@torch.no_grad()
+def validation_loss(engine: Any, val_N: np.ndarray, *, T: int, n_seqs: int, rank: int,
+                    world: int) -> float:
+    """Mean loss over ``n_seqs`` windows spread evenly over the validation split (split by rank)."""
+    # Every rank must run the same number of forwards (ZeRO-3 gathers parameters in each one).
+    n_seqs = max(world, min(n_seqs, (len(val_N) - 1) // T) // world * world)
+    starts = np.linspace(0, len(val_N) - T - 1, n_seqs).astype(np.int64)
+    total = torch.zeros(2, dtype=torch.float64)
+    engine.eval()
+    for s in starts[rank::world]:
+        x = torch.from_numpy(val_N[s:s + T].astype(np.int64))[None]
+        y = torch.from_numpy(val_N[s + 1:s + T + 1].astype(np.int64))[None]
+        total += torch.tensor([float(engine(x.to(engine.device), y.to(engine.device))), 1.0],
+                              dtype=torch.float64)
+    engine.train()
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+def _param_groups(model: torch.nn.Module, cfg: dict[str, Any]) -> Any:
+    """What ``deepspeed.initialize`` gets as ``model_parameters``.
+
+    AdamW gets the same decay split as CoupledAdam (decay on matrices, ``embedding_weight_decay``
+    on the embedding, none on 1-D tensors), so the comparison changes only the coupling.
+    """
+    opt = cfg["optimizer"]
+    if opt["type"] != "AdamW":
+        return model.parameters()
+    from coupled_ds.groups import coupled_param_groups
+
+    params = opt["params"]
+    groups = coupled_param_groups(model, weight_decay=params.get("weight_decay", 0.1),
+                                  embedding_weight_decay=params.get("embedding_weight_decay", 0.0))
+    return [{k: v for k, v in g.items() if k in ("params", "weight_decay")} for g in groups]
+
+
+def _full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """fp32 CPU copies of every parameter, gathered first under ZeRO-3 (all ranks call this)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(params):
+            return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+def embedding_summary(E_VH: torch.Tensor, counts_V: np.ndarray) -> dict[str, float | None]:
+    """Embedding metrics of the final [V, H] matrix (``coupled_ds.metrics``)."""
+    from coupled_ds.metrics import embedding_metrics, log_frequencies
+
+    return embedding_metrics(E_VH, log_freq_V=log_frequencies(counts_V),
+                             vocab_size=E_VH.shape[0]).as_dict()
+
+
+def _skip_cpu_shm_op() -> None:
+    """Skip DeepSpeed's CPU shared-memory all-reduce kernel.
+
+    On CPU, DeepSpeed JIT-compiles it at init (a minute of C++ on a fresh machine); only its
+    inference all-reduce uses it, so training loses nothing.
+    """
+    import importlib
+
+    # By module path: the package attribute deepspeed.comm.torch is the torch package itself.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def _maybe_fail(args: argparse.Namespace, step: int, rank: int, world: int) -> None:
+    """Test-only fault injection: SIGKILL this process once, when it reaches ``--fail-at-step``."""
+    fail_rank = args.fail_rank % world
+    marker = Path(args.save_dir) / _FAIL_MARKER
+    if args.fail_at_step == step and rank == fail_rank and not marker.exists():
+        marker.write_text(f"rank {rank} killed at step {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    cfg = build_config(args)
+    save_dir = Path(args.save_dir)
+    ckpt_dir = save_dir / "checkpoints"
+
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    if cfg["optimizer"]["type"] == "CoupledAdam":
+        import coupled_ds.deepspeed  # noqa: F401  registers "CoupledAdam" with DeepSpeed
+
+    if not torch.cuda.is_available():
+        _skip_cpu_shm_op()
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+    data_dir = Path(args.data_dir) if args.data_dir else save_dir / "data"
+    corpus_data.prepare(data_dir, paths=args.data, vocab_size=args.vocab_size,
+                        max_tokens=args.max_tokens)
+    corpus = corpus_data.load(data_dir)
+
+    torch.manual_seed(args.seed)
+    model = GPT(GPTConfig(vocab_size=len(corpus.vocab), seq_len=args.seq_len, n_layer=args.n_layer,
+                          n_head=args.n_head, d_model=args.d_model))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(model, cfg),
+                                           config=cfg)
+    B, T = engine.train_micro_batch_size_per_gpu(), args.seq_len
+    gas = engine.gradient_accumulation_steps()
+
+    start = 0
+    if (ckpt_dir / "latest").exists():
+        path, client = engine.load_checkpoint(str(ckpt_dir))
+        if path is None:
+            raise RuntimeError(f"{ckpt_dir}/latest exists but the checkpoint did not load.")
+        start = int(client["step"])
+        if rank == 0:
+            print(f"[train_ds] resumed from {path} at step {start}", flush=True)
+
+    bar = None
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.steps, initial=start, desc=f"{cfg['optimizer']['type']:>11}",
+                   dynamic_ncols=True, mininterval=1.0)
+    t0, loss_value, val = time.time(), math.nan, math.nan
+    for step in range(start, args.steps):
+        if args.fail_at_step is not None:
+            _maybe_fail(args, step, rank, world)
+        for micro in range(gas):
+            x, y = batch(corpus.train_N, seed=args.seed, step=step, micro=micro, rank=rank,
+                         world=world, B=B, T=T)
+            loss = engine(x.to(engine.device), y.to(engine.device))
+            engine.backward(loss)
+            engine.step()
+        loss_value = float(loss.detach())
+        done = step + 1
+        if args.eval_interval and done % args.eval_interval == 0 and done < args.steps:
+            val = validation_loss(engine, corpus.val_N, T=T, n_seqs=args.eval_seqs, rank=rank,
+                                  world=world)
+        if args.save_interval and done % args.save_interval == 0 and done < args.steps:
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{done}", client_state={"step": done})
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val:.3f}", refresh=False)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    train_s = time.time() - t0
+
+    if start < args.steps or not (ckpt_dir / "latest").exists():
+        engine.save_checkpoint(str(ckpt_dir), tag=f"step{args.steps}",
+                               client_state={"step": args.steps})
+    val = validation_loss(engine, corpus.val_N, T=T, n_seqs=args.eval_seqs, rank=rank, world=world)
+    state = _full_state_dict(engine)
+    if rank == 0:
+        torch.save(state, save_dir / "final_model.pt")
+        shutil.copyfile(data_dir / "token_counts.npy", save_dir / "token_counts.npy")
+        metrics = {"optimizer": cfg["optimizer"]["type"], "steps": args.steps, "world_size": world,
+                   "zero_stage": engine.zero_optimization_stage(), "val_loss": val,
+                   "train_loss": loss_value, "train_seconds": train_s, "resumed_from": start,
+                   **embedding_summary(state["wte.weight"], corpus.counts_V)}
+        (save_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        print(f"[train_ds] done: {json.dumps(metrics)}", flush=True)
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
