@@ -1,0 +1,81 @@
+"""Megatron-LM's pretrain_gpt.py with ``--optimizer coupled_adam`` available.
+
+Usage: your usual Megatron-LM command with this script instead of pretrain_gpt.py::
+
+    MEGATRON_LM_PATH=/path/to/Megatron-LM \\
+    torchrun --nproc-per-node 8 launch/pretrain_gpt_coupled.py \\
+        <your pretrain_gpt.py arguments> \\
+        --optimizer coupled_adam [--coupled-adam-avg-scale 1.0] \\
+        [--coupled-adam-count-padded-rows] [--coupled-adam-vocab-size N]
+
+It applies :mod:`megatron_patch` (megatron-core optimizer factory + Megatron-LM argument
+hooks) and then runs ``pretrain_gpt.py`` as ``__main__``, so everything else (parallelism,
+data, checkpoints, logging) is Megatron-LM's own.
+
+Environment:
+    MEGATRON_LM_PATH  Megatron-LM checkout holding pretrain_gpt.py (default: the directory above
+                      an importable ``megatron/training`` package).
+    COUPLED_DS_DRY_RUN=1  Parse and validate the arguments, print the optimizer config that
+                      ``megatron.training`` would build, and exit (no model, no data, one CPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import runpy
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repository
+
+
+def megatron_lm_root() -> Path:
+    """The Megatron-LM checkout: $MEGATRON_LM_PATH, else where megatron.training lives."""
+    env = os.environ.get("MEGATRON_LM_PATH")
+    if env:
+        root = Path(env).resolve()
+    else:
+        spec = importlib.util.find_spec("megatron.training")
+        if spec is None or spec.origin is None:
+            raise SystemExit("pretrain_gpt_coupled.py: set MEGATRON_LM_PATH to a Megatron-LM "
+                             "checkout (megatron.training is not in the megatron-core wheel).")
+        root = Path(spec.origin).resolve().parents[2]
+    if not (root / "pretrain_gpt.py").is_file():
+        raise SystemExit(f"pretrain_gpt_coupled.py: {root}/pretrain_gpt.py not found; set "
+                         "MEGATRON_LM_PATH to a Megatron-LM checkout matching megatron-core.")
+    return root
+
+
+def dry_run() -> None:
+    """Parse + validate the command line and print the optimizer config, without training."""
+    from megatron.training import arguments, training
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    args = arguments.parse_args()
+    arguments.validate_args(args)
+    config, _ = training.get_megatron_optimizer_config(args)
+    print(f"optimizer={config.optimizer} use_distributed_optimizer="
+          f"{config.use_distributed_optimizer} coupled_adam_vocab_size="
+          f"{getattr(config, 'coupled_adam_vocab_size', None)} coupled_adam_avg_scale="
+          f"{getattr(config, 'coupled_adam_avg_scale', None)} coupled_adam_count_padded_rows="
+          f"{getattr(config, 'coupled_adam_count_padded_rows', None)}")
+
+
+def main() -> None:
+    root = megatron_lm_root()
+    sys.path.insert(0, str(root))  # pretrain_gpt imports gpt_builders, model_provider from there
+    import megatron_patch
+
+    megatron_patch.apply(training=True)
+    if os.environ.get("COUPLED_DS_DRY_RUN") == "1":
+        dry_run()
+        return
+    script = root / "pretrain_gpt.py"
+    sys.argv[0] = str(script)
+    runpy.run_path(str(script), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""megatron_patch: ``optimizer="coupled_adam"`` through megatron-core's own DDP,
+DistributedOptimizer, Float16 and FP32 wrappers on gloo CPU ranks, against single-process references on the gathered
+full matrices (tests/test_megatron_harness.py runs the ranks, tests/megatron_shim.py maps
+Megatron's CUDA allocations to the CPU).
+
+Layouts covered (V_real=37 padded to 40 or 48, H=12): TP=1/DP=2, TP=2/DP=1, TP=2/DP=2; the
+distributed optimizer with one bucket (each DP rank owns only one of the two matrices: empty
+pieces), with one bucket per parameter (DP shards cut rows mid-way at 256 = 21 rows + 4 and
+128 = 10 rows + 8 elements) and tied (cut at 64 = 5 rows + 4); fp32, bf16, fp16.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install "
+                                            "'coupled-ds[megatron]')")
+
+from coupled_ds import CoupledAdam  # noqa: E402
+from tests.dist import run_on_ranks  # noqa: E402
+from tests.reference import coupled_adam_reference  # noqa: E402
+from tests.test_megatron_harness import HP, V_REAL, RunSpec, assemble, run_specs  # noqa: E402
+
+COUPLED = ("embedding.word_embeddings.weight", "output_layer.weight")
+TOL = 1e-5          # relative, acceptance bound
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> spec; one spawn per world size runs all of them.
+TWO_RANKS = {
+    "tp1_dp2_distopt_one_bucket": RunSpec(tp=1, distopt=True),
+    "tp1_dp2_distopt_midrow": RunSpec(tp=1, distopt=True, bucket_size=1),
+    "tp1_dp2_distopt_tied": RunSpec(tp=1, distopt=True, tied=True),
+    "tp1_dp2_fp32": RunSpec(tp=1, distopt=False),
+    "tp1_dp2_distopt_midrow_bf16": RunSpec(tp=1, distopt=True, bucket_size=1, precision="bf16"),
+    "tp1_dp2_fp16": RunSpec(tp=1, distopt=False, precision="fp16"),
+    "tp2_dp1_fp32": RunSpec(tp=2, distopt=False),
+    "tp2_dp1_distopt": RunSpec(tp=2, distopt=True),
+    "tp2_dp1_tied_bf16": RunSpec(tp=2, distopt=False, tied=True, precision="bf16"),
+    "neg_tp1_dp2_no_dp_reduce": RunSpec(tp=1, distopt=True, bucket_size=1, reduce=("tp",)),
+    "neg_tp2_dp1_no_tp_reduce": RunSpec(tp=2, distopt=False, reduce=("dp",)),
+    "synthetic_tp1_v40": RunSpec(tp=1, distopt=True, bucket_size=1, synthetic=True, v_pad=40),
+    "synthetic_tp2_v48": RunSpec(tp=2, distopt=False, synthetic=True, v_pad=48),
+    "synthetic_tp1_v40_count_padded": RunSpec(tp=1, distopt=True, synthetic=True, v_pad=40,
+                                              count_padded=True),
+    "synthetic_tp2_v48_count_padded": RunSpec(tp=2, distopt=False, synthetic=True, v_pad=48,
+                                              count_padded=True),
+    "ckpt_tp1_dp2_distopt_one_bucket": RunSpec(tp=1, distopt=True, checkpoint_at=10),
+    "ckpt_tp1_dp2_distopt_tied": RunSpec(tp=1, distopt=True, tied=True, checkpoint_at=10,
+                                         ckpt_format="fully_reshardable"),
+    "ckpt_tp2_dp1_fp32": RunSpec(tp=2, distopt=False, checkpoint_at=10),
+    "ckpt_tp2_dp1_tied_bf16": RunSpec(tp=2, distopt=False, tied=True, precision="bf16",
+                                      checkpoint_at=10),
+    "ckpt_tp1_dp2_distopt_one_bucket_te_step_path": RunSpec(tp=1, distopt=True, checkpoint_at=10,
+                                                 te_step_path=True),
+    "pp2_dp1_tied_distopt": RunSpec(tp=1, pp=2, distopt=True, synthetic=True),
+}
+FOUR_RANKS = {
+    "tp2_dp2_distopt_one_bucket": RunSpec(tp=2, distopt=True),
+    "tp2_dp2_distopt_midrow": RunSpec(tp=2, distopt=True, bucket_size=1),
+    "tp2_dp2_fp32": RunSpec(tp=2, distopt=False),
+    "tp2_dp2_distopt_midrow_bf16": RunSpec(tp=2, distopt=True, bucket_size=1, precision="bf16"),
+    "tp2_dp2_distopt_tied": RunSpec(tp=2, distopt=True, tied=True),
+    "tp2_dp2_distopt_one_bucket_bf16": RunSpec(tp=2, distopt=True, precision="bf16"),
+    "neg_tp2_dp2_no_dp_reduce": RunSpec(tp=2, distopt=True, bucket_size=1, reduce=("tp",)),
+    "neg_tp2_dp2_no_tp_reduce": RunSpec(tp=2, distopt=True, bucket_size=1, reduce=("dp",)),
+    "ckpt_tp2_dp2_distopt_tied": RunSpec(tp=2, distopt=True, tied=True, checkpoint_at=10),
+    "ckpt_tp2_dp2_distopt_one_bucket_bf16": RunSpec(tp=2, distopt=True, precision="bf16",
+                                                    checkpoint_at=10,
+                                                    ckpt_format="fully_reshardable"),
+    "pp2_dp2_tied_distopt": RunSpec(tp=1, pp=2, distopt=True, synthetic=True),
+    "pp2_dp2_tied_distopt_midrow": RunSpec(tp=1, pp=2, distopt=True, bucket_size=1,
+                                           synthetic=True),
+    "pp2_tp2_tied_bf16": RunSpec(tp=2, pp=2, distopt=False, precision="bf16", synthetic=True),
+}
+EQUIVALENCE = [n for n in [*TWO_RANKS, *FOUR_RANKS] if not n.startswith("neg_")]
+
+
+def _run(world: int, specs: dict[str, RunSpec], extra=()) -> dict:
+    names = list(specs)
+    by_rank = run_on_ranks(world, run_specs, [specs[n] for n in names] + list(extra),
+                           timeout=600)
+    out = {name: [by_rank[r][i] for r in range(world)] for i, name in enumerate(names)}
+    for j, label in enumerate(extra):
+        out[label] = by_rank[0][len(names) + j]
+    return out
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    out = _run(2, TWO_RANKS, extra=("refusals",))
+    out.update(_run(4, FOUR_RANKS))
+    return out
+
+
+def _spec(name: str) -> RunSpec:
+    return {**TWO_RANKS, **FOUR_RANKS}[name]
+
+
+def _reference(per_rank: list[dict], spec: RunSpec, *, float64: bool = False
+               ) -> dict[str, torch.Tensor]:
+    """Single-process replay on the gathered full matrices with the gradients the run saw:
+    CoupledAdam (or the float64 ten-line reference) on each whole [V_pad, H] vocabulary
+    matrix, torch.optim.AdamW on every other parameter."""
+    init = assemble(per_rank, "initial", spec.v_pad, spec.tp)
+    grads = [assemble(per_rank, "grads", spec.v_pad, spec.tp, step=s) for s in range(spec.steps)]
+    hyper = dict(lr=HP["lr"], betas=(HP["adam_beta1"], HP["adam_beta2"]), eps=HP["adam_eps"],
+                 weight_decay=HP["weight_decay"])
+    vocab_size = None if spec.count_padded else V_REAL
+    out = {}
+    for name, p0 in init.items():
+        steps = [g[name] for g in grads]
+        if name in COUPLED and float64:
+            out[name] = coupled_adam_reference(p0, steps, **hyper, vocab_size=vocab_size).float()
+            continue
+        p = torch.nn.Parameter(p0.clone())
+        if name in COUPLED:
+            opt = CoupledAdam([{"params": [p], "coupled": True, "vocab_size": vocab_size}],
+                              **hyper)
+        else:
+            opt = torch.optim.AdamW([p], **hyper)
+        for g in steps:
+            p.grad = g.clone()
+            opt.step()
+        out[name] = p.detach()
+    return out
+
+
+def _rel_errors(per_rank: list[dict], spec: RunSpec, *, float64: bool = False
+                ) -> dict[str, float]:
+    got = assemble(per_rank, "final", spec.v_pad, spec.tp)
+    ref = _reference(per_rank, spec, float64=float64)
+    assert got.keys() == ref.keys()
+    return {k: ((got[k] - ref[k]).abs().max() / ref[k].abs().max()).item() for k in got}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EQUIVALENCE)
+def test_matches_single_process(results, name):
+    errors = _rel_errors(results[name], _spec(name))
+    errors64 = _rel_errors(results[name], _spec(name), float64=True)
+    print("EQUIV", name, max(errors[k] for k in errors if k in COUPLED),
+          max([errors[k] for k in errors if k not in COUPLED]), max(errors64.values()))
+    assert max(errors.values()) <= TOL, errors
+    assert max(errors64.values()) <= TOL, errors64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in [*TWO_RANKS, *FOUR_RANKS] if n.startswith("neg_")])
+def test_without_a_reduction_the_result_differs(results, name):
+    """Negative control: dropping the TP or the DP all-reduce must break the equivalence."""
+    errors = _rel_errors(results[name], _spec(name))
+    print("NEG", name, max(errors[k] for k in COUPLED if k in errors))
+    assert max(errors[k] for k in COUPLED if k in errors) > 1e-3, errors
+    assert max(v for k, v in errors.items() if k not in COUPLED) <= TOL, errors
+
+
+@pytest.mark.slow
+def test_layouts_cover_mid_row_cuts_and_empty_pieces(results):
+    """The runs above are only meaningful if shards really cut rows and leave ranks empty."""
+    H = 12
+    one_bucket = results["tp1_dp2_distopt_one_bucket"]
+    assert any(r["ranges"]["embedding.word_embeddings.weight"] is None for r in one_bucket)
+    midrow = results["tp2_dp2_distopt_midrow"]
+    starts = [r["ranges"]["embedding.word_embeddings.weight"][0] for r in midrow]
+    assert any(s % H for s in starts), starts
+    # The checkpointed layouts: TP1/DP2 tied cuts a row, TP2/DP2 tied leaves a rank empty.
+    tied = [r["ranges"][COUPLED[0]] for r in results["tp1_dp2_distopt_tied"]]
+    assert any(r[0] % H for r in tied), tied
+    tied = [r["ranges"][COUPLED[0]] for r in results["tp2_dp2_distopt_tied"]]
+    assert None in tied, tied
+
+
+@pytest.mark.slow
+def test_padded_rows_left_out_make_tp_degree_irrelevant(results):
+    """Same gradients per global element: TP=1 with V_pad=40 and TP=2 with V_pad=48 agree on
+    the real rows; counting the padded rows (a flag) makes them differ."""
+    def real_rows(name):
+        spec = _spec(name)
+        return assemble(results[name], "final", spec.v_pad, spec.tp)[COUPLED[0]][:V_REAL]
+
+    tp1, tp2 = real_rows("synthetic_tp1_v40"), real_rows("synthetic_tp2_v48")
+    same = ((tp1 - tp2).abs().max() / tp1.abs().max()).item()
+    tp1c = real_rows("synthetic_tp1_v40_count_padded")
+    tp2c = real_rows("synthetic_tp2_v48_count_padded")
+    differ = ((tp1c - tp2c).abs().max() / tp1c.abs().max()).item()
+    print("PADDING", same, differ)
+    assert same <= TOL
+    assert differ > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in [*TWO_RANKS, *FOUR_RANKS] if n.startswith("pp2_")])
+def test_tied_copies_on_first_and_last_stage_step_identically(results, name):
+    """PP=2, tied: stage 0's embedding and the last stage's output-layer copy get the same
+    gradients (as after Megatron's embedding-group all-reduce), sit in different DP shard
+    layouts, each reduces over its own groups, and still end equal."""
+    spec = _spec(name)
+    final = assemble(results[name], "final", spec.v_pad, spec.tp)
+    first, last = final[COUPLED[0]], final[COUPLED[1]]
+    err = ((first - last).abs().max() / first.abs().max()).item()
+    print("PP", name, err)
+    assert err <= 1e-6, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in [*TWO_RANKS, *FOUR_RANKS] if n.startswith("ckpt_")])
+def test_checkpoint_round_trip_continues_the_trajectory(results, name):
+    """Save at step 10 (sharded_state_dict + dist_checkpointing, Megatron-LM's dp_reshardable or
+    fully_reshardable format), load into a fresh model and optimizer, train 10 more: the same
+    parameters as the uninterrupted run. (One-bucket layouts only: in megatron-core 0.16.1 both
+    formats break with several small buckets, for every parameter and optimizer alike -
+    dp_reshardable asserts 'empty bucket encountered', fully_reshardable pads state with zeros,
+    its issue #504.)"""
+    spec = _spec(name)
+    plain = name.removeprefix("ckpt_").removesuffix("_te_step_path")
+    got = assemble(results[name], "final", spec.v_pad, spec.tp)
+    want = assemble(results[plain], "final", spec.v_pad, spec.tp)
+    for key in want:
+        err = ((got[key] - want[key]).abs().max() / want[key].abs().max()).item()
+        print("CKPT", name, key, err)
+        assert err <= 1e-6, (key, err)
+
+
+@pytest.mark.slow
+def test_unsupported_combinations_raise_naming_the_flag(results):
+    for flag, message in results["refusals"].items():
+        assert message.startswith("UnsupportedMegatronError") and flag.split("=")[0] in message, \
+            (flag, message)
+
+
+# ----------------------------------------------------------------- single process, no ranks
+def test_apply_is_idempotent_and_undo_restores():
+    import megatron.core.optimizer as mco
+
+    import megatron_patch
+
+    original = mco._get_megatron_optimizer_based_on_param_groups
+    megatron_patch.apply(training=False)
+    patched = mco._get_megatron_optimizer_based_on_param_groups
+    megatron_patch.apply(training=False)
+    assert mco._get_megatron_optimizer_based_on_param_groups is patched is not original
+    megatron_patch.undo()
+    assert mco._get_megatron_optimizer_based_on_param_groups is original
+    assert not megatron_patch.is_applied()
+
+
+def test_config_needs_the_vocabulary_size_or_the_padded_rows_flag():
+    import megatron_patch
+
+    with pytest.raises(ValueError, match="coupled_adam_vocab_size"):
+        megatron_patch.coupled_adam_config(lr=1e-3)
+    config = megatron_patch.coupled_adam_config(count_padded_rows=True, lr=1e-3)
+    assert config.optimizer == "coupled_adam"
+
+
+def test_unsupported_megatron_core_version_is_refused(monkeypatch):
+    from megatron_patch import _compat
+
+    monkeypatch.setattr(_compat, "megatron_core_version", lambda: (0, 17, 0))
+    with pytest.raises(_compat.UnsupportedMegatronError, match=r">=0.16.0,<0.17"):
+        _compat.check_version()
+
+
+ARGS_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path[:0] = [{lm!r}, {root!r}]
+    import megatron_patch
+    megatron_patch.apply(training=True)
+    from megatron.training import arguments, training
+    base = ["x", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
+            "--lr", "1e-3", "--train-iters", "10", "--vocab-size", "37",
+            "--tokenizer-type", "NullTokenizer", "--bf16"]
+    sys.argv = base + ["--optimizer", "coupled_adam", "--use-distributed-optimizer",
+                       "--coupled-adam-avg-scale", "0.5"]
+    args = arguments.parse_args()
+    arguments.validate_args(args)
+    config, _ = training.get_megatron_optimizer_config(args)
+    print("RESULT", args.optimizer, args.use_distributed_optimizer, config.optimizer,
+          config.use_distributed_optimizer, config.coupled_adam_avg_scale,
+          config.coupled_adam_vocab_size, config.coupled_adam_count_padded_rows)
+    import megatron.core.optimizer as mco
+    # setup_model_and_optimizer calls this very function, which looks the patched builder up.
+    print("FACTORY", training.get_megatron_optimizer is mco.get_megatron_optimizer,
+          getattr(mco._get_megatron_optimizer_based_on_param_groups, "_coupled_ds_patch", False))
+    sys.argv = base + ["--optimizer", "coupled_adam", "--use-precision-aware-optimizer"]
+    args = arguments.parse_args()
+    try:
+        training.get_megatron_optimizer_config(args)
+    except ValueError as error:
+        print("REFUSED", error)
+""")
+
+
+@pytest.mark.slow
+def test_megatron_lm_arguments_reach_the_optimizer_factory():
+    """Megatron-LM's own parse_args/validate_args/get_megatron_optimizer_config (needs a
+    checkout: MEGATRON_LM_PATH, e.g. `git archive core_v0.16.1` of NVIDIA/Megatron-LM)."""
+    lm = os.environ.get("MEGATRON_LM_PATH")
+    if not lm or not (Path(lm) / "megatron" / "training").is_dir():
+        pytest.skip("MEGATRON_LM_PATH is not set to a Megatron-LM checkout (megatron/training is "
+                    "not in the megatron-core wheel); set it to test the argument path")
+    script = ARGS_SCRIPT.format(lm=lm, root=str(ROOT))
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split(" ", 1)[0]: line for line in proc.stdout.splitlines()
+             if line.startswith(("RESULT", "REFUSED", "FACTORY"))}
+    assert lines["RESULT"].split()[1:] == ["coupled_adam", "True", "coupled_adam", "True", "0.5",
+                                           "37", "False"], lines
+    assert lines["FACTORY"].split()[1:] == ["True", "True"], lines
+    assert "--use-precision-aware-optimizer" in lines["REFUSED"], lines
+
+
+@pytest.mark.slow
+def test_launch_script_dry_run_builds_the_coupled_optimizer_config():
+    """launch/pretrain_gpt_coupled.py with a pretrain_gpt.py command line (dry run: parse,
+    validate, build the optimizer config; no model)."""
+    lm = os.environ.get("MEGATRON_LM_PATH")
+    if not lm or not (Path(lm) / "pretrain_gpt.py").is_file():
+        pytest.skip("MEGATRON_LM_PATH is not set to a Megatron-LM checkout with pretrain_gpt.py")
+    argv = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
+            "--lr", "1e-3", "--train-iters", "10", "--vocab-size", "37", "--tokenizer-type",
+            "NullTokenizer", "--optimizer", "coupled_adam", "--use-distributed-optimizer",
+            "--coupled-adam-count-padded-rows"]
+    env = {**os.environ, "COUPLED_DS_DRY_RUN": "1", "RANK": "0", "WORLD_SIZE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain_gpt_coupled.py"),
+                           *argv], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("optimizer=coupled_adam use_distributed_optimizer=True coupled_adam_vocab_size=37 "
+            "coupled_adam_avg_scale=1.0 coupled_adam_count_padded_rows=True") in proc.stdout
