@@ -1,0 +1,228 @@
+"""DeepSpeed integration: ``"type": "CoupledAdam"`` in the JSON config.
+
+Usage (one import before ``deepspeed.initialize``)::
+
+    import coupled_ds.deepspeed  # registers "CoupledAdam" with DeepSpeed
+    cfg["optimizer"] = {"type": "CoupledAdam",
+                        "params": {"lr": 3e-4, "betas": [0.9, 0.95], "weight_decay": 0.1}}
+    engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                             config=cfg)
+
+DeepSpeed has no optimizer plugin registry (DESIGN §5.1), so importing this module patches
+:class:`deepspeed.runtime.engine.DeepSpeedEngine` in three small places:
+
+* ``_configure_basic_optimizer`` builds :class:`~coupled_ds.CoupledAdam` for the name, with its
+  param groups found from ``engine.module``'s named parameters (one group per coupled matrix);
+* ``CoupledAdam`` joins DeepSpeed's known names and ``ZERO_SUPPORTED_OPTIMIZERS``, so no
+  ``zero_allow_untested_optimizer`` is needed;
+* ``_configure_optimizer`` is followed by :func:`coupled_ds.zero.attach_geometry`, which tells
+  the optimizer where each flat ZeRO partition sits in its [V, H] matrix and which process groups
+  hold the other pieces. A ``CoupledAdam`` instance or callable passed as ``optimizer=`` gets the
+  same treatment. Anything that cannot couple raises; nothing falls back to AdamW.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from coupled_ds.groups import NoEmbeddingFoundError, coupled_param_groups, find_coupled_parameters
+from coupled_ds.optimizer import CoupledAdam
+
+__all__ = ["ACCEPTED_PARAMS", "OPTIMIZER_NAME", "build_optimizer", "register"]
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZER_NAME = "CoupledAdam"
+# Keys of cfg["optimizer"]["params"]; anything else is a typo and raises.
+ACCEPTED_PARAMS = ("lr", "betas", "eps", "weight_decay", "embedding_weight_decay", "avg_scale",
+                   "vocab_size", "coupled_params")
+_OFFLOAD_KEY = "zero_force_ds_cpu_optimizer"
+
+
+def is_coupled_name(name: str | None) -> bool:
+    """Whether a config ``optimizer.type`` names Coupled Adam (case-insensitive, as DeepSpeed)."""
+    return isinstance(name, str) and name.lower() == OPTIMIZER_NAME.lower()
+
+
+def _param_ids(model_parameters: Iterable[Any]) -> tuple[set[int], list[dict[str, Any]] | None]:
+    """Ids of the parameters the user handed DeepSpeed, and their dict groups if any."""
+    items = list(model_parameters)
+    if items and isinstance(items[0], Mapping):
+        return {id(p) for g in items for p in g["params"]}, [dict(g) for g in items]
+    return {id(p) for p in items}, None
+
+
+def _split_user_groups(user_groups: list[dict[str, Any]], coupled: list[tuple[str, nn.Parameter]],
+                       embedding_weight_decay: float, vocab_size: int | None
+                       ) -> list[dict[str, Any]]:
+    """Keep the user's groups but move each coupled matrix into a group of its own (ZeRO
+    flattens a group into one buffer; one coupled matrix per buffer keeps its geometry simple)."""
+    names = {id(p): n for n, p in coupled}
+    groups = []
+    for user_group in user_groups:
+        params = list(user_group["params"])
+        options = {k: v for k, v in user_group.items() if k != "params"}
+        for p in params:
+            if id(p) in names:
+                groups.append({**options, "params": [p], "coupled": True,
+                               "coupled_names": [names[id(p)]], "vocab_size": vocab_size,
+                               "weight_decay": embedding_weight_decay})
+        rest = [p for p in params if id(p) not in names]
+        if rest:
+            groups.append({**options, "params": rest})
+    return groups
+
+
+def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
+                    params: Mapping[str, Any] | None) -> CoupledAdam:
+    """``CoupledAdam`` from ``cfg["optimizer"]["params"]`` over the parameters DeepSpeed was given.
+
+    Coupled matrices are found in ``module.named_parameters()`` (names ``coupled_params`` as
+    regexes, else the core's detection). Parameters not in ``model_parameters`` are left out.
+
+    Raises:
+        ValueError: An unknown key under ``params`` (lists the accepted ones), a bad value, or a
+            selected parameter that is not 2-D.
+        NoEmbeddingFoundError: No embedding matrix was found.
+    """
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(ACCEPTED_PARAMS))
+    if unknown:
+        raise ValueError(
+            f"DeepSpeed config optimizer.params has unknown key(s) {unknown} for type "
+            f"{OPTIMIZER_NAME!r}. Accepted keys: {list(ACCEPTED_PARAMS)}. (Gradient clipping is "
+            "the top-level 'gradient_clipping' key.)")
+    names = params.get("coupled_params")
+    if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
+        raise ValueError(f"DeepSpeed config optimizer.params.coupled_params={names!r} must be a "
+                         "list of regex strings over parameter names, e.g. ['embed', 'lm_head'].")
+    if any(hasattr(p, "ds_id") for p in module.parameters()):
+        raise ValueError(
+            f"DeepSpeed optimizer {OPTIMIZER_NAME!r}: the model was built under "
+            "deepspeed.zero.Init, so its parameters are already partitioned and the [V, H] "
+            "embedding cannot be found by shape. Build the model outside zero.Init (ZeRO stage 3 "
+            "still partitions it at deepspeed.initialize).")
+    weight_decay = params.get("weight_decay", 1e-2)
+    embedding_wd = params.get("embedding_weight_decay", 0.0)
+    vocab_size = params.get("vocab_size")
+    # A vocabulary-parallel shard (Megatron marker) has V / tp rows but vocab_size counts all V:
+    # it is set after construction and checked at step time against the geometry's global rows.
+    tp_vocab = vocab_size is not None and any(getattr(p, "tensor_model_parallel", False)
+                                              for p in module.parameters())
+    given_ids, user_groups = _param_ids(model_parameters)
+    vocab_size, global_vocab_size = (None, vocab_size) if tp_vocab else (vocab_size, None)
+    try:
+        if user_groups is None:
+            groups = coupled_param_groups(module, weight_decay=weight_decay,
+                                          embedding_weight_decay=embedding_wd, names=names,
+                                          vocab_size=vocab_size, avg_scale=params.get("avg_scale"))
+        else:
+            coupled = find_coupled_parameters(module, names=names)
+            coupled_param_groups(module, names=names, vocab_size=vocab_size)  # same checks
+            groups = _split_user_groups(user_groups, coupled, embedding_wd, vocab_size)
+    except NoEmbeddingFoundError as err:
+        raise NoEmbeddingFoundError(
+            f"DeepSpeed optimizer {OPTIMIZER_NAME!r}: {err} In the DeepSpeed config this is "
+            "optimizer.params.coupled_params=[regex, ...].") from err
+    except ValueError as err:
+        raise ValueError(f"DeepSpeed optimizer {OPTIMIZER_NAME!r} "
+                         f"(optimizer.params.coupled_params={names!r}): {err}") from err
+    groups = [{**g, "params": [p for p in g["params"] if id(p) in given_ids]} for g in groups]
+    groups = [g for g in groups if g["params"]]
+    if not any(g.get("coupled") for g in groups):
+        raise NoEmbeddingFoundError(
+            f"DeepSpeed optimizer {OPTIMIZER_NAME!r}: the coupled matrices are not among the "
+            "model_parameters given to deepspeed.initialize (frozen?). Pass "
+            "model_parameters=model.parameters() or fix optimizer.params.coupled_params.")
+    kwargs = {k: params[k] for k in ("lr", "eps", "avg_scale") if k in params}
+    if "betas" in params:
+        kwargs["betas"] = tuple(params["betas"])
+    optimizer = CoupledAdam(groups, weight_decay=weight_decay, **kwargs)
+    for group in optimizer.param_groups:
+        if group["coupled"] and global_vocab_size is not None:
+            group["vocab_size"] = global_vocab_size
+    return optimizer
+
+
+# ---------------------------------------------------------------------- engine patches
+def _check_offload(engine: Any) -> None:
+    """Offload with CoupledAdam steps the CPU partitions with CoupledAdam itself.
+
+    DeepSpeed's ``zero_force_ds_cpu_optimizer`` (default true) would demand DeepSpeedCPUAdam, an
+    element-wise C++ kernel that cannot couple. Left at its default it is treated as false for
+    CoupledAdam; set explicitly to true it is refused.
+    """
+    if not engine.zero_use_cpu_optimizer():
+        return
+    if engine._config._param_dict.get(_OFFLOAD_KEY) is True:
+        raise ValueError(
+            f"DeepSpeed config {_OFFLOAD_KEY}=true forces DeepSpeedCPUAdam under "
+            "offload_optimizer, which cannot couple the embedding columns. Remove the key or set "
+            f"it to false: {OPTIMIZER_NAME} then steps the offloaded CPU partitions itself.")
+    engine.zero_force_ds_cpu_optimizer = lambda: False
+
+
+def _configure_basic_optimizer(original, engine, model_parameters):
+    if not is_coupled_name(engine.optimizer_name()) or engine.client_optimizer:
+        return original(engine, model_parameters)
+    _check_offload(engine)
+    return build_optimizer(engine.module, model_parameters, engine.optimizer_params())
+
+
+def _configure_optimizer(original, engine, client_optimizer, model_parameters):
+    coupled = is_coupled_name(engine.optimizer_name()) and client_optimizer is None
+    if isinstance(client_optimizer, CoupledAdam):
+        _check_offload(engine)
+        coupled = True
+    elif callable(client_optimizer) and not isinstance(client_optimizer, torch.optim.Optimizer):
+        user_callable = client_optimizer
+
+        @functools.wraps(user_callable)
+        def client_optimizer(params):  # DeepSpeed checks offload right after this call
+            built = user_callable(params)
+            if isinstance(built, CoupledAdam):
+                _check_offload(engine)
+            return built
+
+    original(engine, client_optimizer, model_parameters)
+    if coupled or isinstance(engine.basic_optimizer, CoupledAdam):
+        from coupled_ds import zero
+
+        zero.attach_geometry(engine)
+
+
+def register() -> None:
+    """Teach DeepSpeed the optimizer name ``CoupledAdam`` (idempotent; runs on import)."""
+    from deepspeed.runtime import config as ds_config
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    if OPTIMIZER_NAME.lower() not in ds_config.DEEPSPEED_OPTIMIZERS:
+        ds_config.DEEPSPEED_OPTIMIZERS.append(OPTIMIZER_NAME.lower())  # engine holds the same list
+    if CoupledAdam not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+        zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(CoupledAdam)
+    _patch(DeepSpeedEngine, "_configure_basic_optimizer", _configure_basic_optimizer)
+    _patch(DeepSpeedEngine, "_configure_optimizer", _configure_optimizer)
+
+
+def _patch(cls: type, name: str, hook: Any) -> None:
+    """Replace ``cls.name`` by ``hook(original, self, ...)`` once."""
+    original = getattr(cls, name)
+    if getattr(original, "_coupled_ds_original", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def method(self, *args, **kwargs):
+        return hook(original, self, *args, **kwargs)
+
+    method._coupled_ds_original = original
+    setattr(cls, name, method)
+
+
+register()
