@@ -74,7 +74,7 @@ def test_blocked_path_matches_reference_path_on_a_mid_row_slice():
 
     a, _ = _run(make(True), [init], grads)
     b, _ = _run(make(False), [init], grads)
-    torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-7)
+    assert max_relative_error(a[0], b[0]) <= 1e-6
     # Engine padding around the owned slice is never touched.
     assert torch.equal(a[0][:3], init[:3]) and torch.equal(a[0][153:], init[153:])
 
