@@ -17,7 +17,7 @@ import torch
 from torch.optim import adamw as torch_adamw
 from torch.utils.weak import WeakIdKeyDictionary
 
-from coupled_ds import kernels
+from coupled_ds import cpu_kernels, kernels
 from coupled_ds.geometry import ShardGeometry, full_matrix_geometry
 from coupled_ds.reduce import ColumnSums, allreduce_column_sums_
 
@@ -62,7 +62,16 @@ class CoupledAdam(torch.optim.Optimizer):
         amsgrad: AMSGrad for uncoupled groups only; a coupled group with it raises.
         maximize: Maximize instead of minimize.
         foreach, fused: Implementation of the uncoupled groups, as in ``torch.optim.AdamW``.
-        blocked: Coupled update in cache-sized row chunks (fast) rather than whole tensors.
+        blocked: The fast coupled kernels (one pass per tensor per phase: C on CPU, Triton on
+            CUDA, else torch ops on cache-sized row chunks) rather than the whole-tensor
+            reference ops (see :mod:`coupled_ds.kernels`).
+        compact_coupled_state: Coupled tensors keep only the [H] column mean of v
+            (state key ``exp_avg_sq_col_mean``, float32) instead of a full ``exp_avg_sq``,
+            halving their optimizer state. :meth:`state_dict` still writes a full-size
+            ``exp_avg_sq`` (every row = the column mean); a loaded full ``exp_avg_sq`` is reduced
+            back, exactly and across ranks, at the next step. Off by default: Megatron's
+            distributed optimizer reads ``exp_avg_sq`` from the state directly, and per-element v
+            cannot be inspected.
         geometries: (tensor, ShardGeometry) pairs for coupled tensors that are pieces of a larger
             matrix (see :meth:`set_geometry`).
 
@@ -85,6 +94,7 @@ class CoupledAdam(torch.optim.Optimizer):
         fused: bool | None = None,
         blocked: bool = True,
         geometries: Iterable[tuple[torch.Tensor, ShardGeometry]] = (),
+        compact_coupled_state: bool = False,
     ) -> None:
         _check_hyperparameters(lr, betas, eps, weight_decay, avg_scale, "defaults")
         if fused and foreach:
@@ -93,6 +103,9 @@ class CoupledAdam(torch.optim.Optimizer):
                         avg_scale=avg_scale, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         fused=fused, coupled=False, vocab_size=None, coupled_names=None)
         self.blocked = blocked
+        self.compact_coupled_state = compact_coupled_state
+        if blocked:
+            cpu_kernels.library()  # build or load the C kernels now, not inside the first step()
         self._geometry: WeakIdKeyDictionary = WeakIdKeyDictionary()
         for tensor, geometry in geometries:
             self.set_geometry(tensor, geometry)
@@ -189,6 +202,35 @@ class CoupledAdam(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
+    def _init_coupled_state(self, p: torch.Tensor, geometry: ShardGeometry) -> dict[str, Any]:
+        """Full state as AdamW, or with compact state an [H] float32 column mean instead of v."""
+        if not self.compact_coupled_state:
+            return self._init_state(p)
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq_col_mean"] = torch.zeros(geometry.cols, dtype=torch.float32,
+                                                       device=p.device)
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """As torch's, but compact coupled state is written as a full-size ``exp_avg_sq`` (each
+        owned element = its column's mean, engine padding 0), so every checkpoint tool reads it."""
+        packed = super().state_dict()
+        index_of: dict[int, int] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                index_of.setdefault(id(p), len(index_of))
+                state = self.state.get(p)
+                if state is None or "exp_avg_sq_col_mean" not in state:
+                    continue
+                entry = dict(packed["state"][index_of[id(p)]])
+                col_mean_H = entry.pop("exp_avg_sq_col_mean")
+                entry["exp_avg_sq"] = kernels.expand_column_mean(col_mean_H, p, self.geometry_of(p))
+                packed["state"][index_of[id(p)]] = entry
+        return packed
+
     def _check_grad(self, group: dict[str, Any], index: int, p: torch.Tensor) -> None:
         if p.grad is not None and p.grad.is_sparse:
             name = self._name(group, index) if group["coupled"] else f"#{index} of param group"
@@ -249,8 +291,8 @@ class CoupledAdam(torch.optim.Optimizer):
             for index, p in enumerate(group["params"]):
                 self._check_grad(group, index, p)
                 geometry = self.geometry_of(p)
-                state = self._init_state(p)
-                if p.grad is not None:
+                state = self._init_coupled_state(p, geometry)
+                if p.grad is not None and not self._fused_phase1:
                     exp_avgs.append(kernels.owned_view(state["exp_avg"], geometry))
                     exp_avg_sqs.append(kernels.owned_view(state["exp_avg_sq"], geometry))
                     grads.append(kernels.owned_view(p.grad, geometry))
@@ -261,16 +303,70 @@ class CoupledAdam(torch.optim.Optimizer):
         # A piece without a gradient still reports its (unchanged) v: the other pieces of the
         # matrix need the whole column mean, and every rank must enter the collective.
         sums: dict[str, ColumnSums] = {}
-        for group, p, state, geometry, _ in pieces:
+        for group, p, state, geometry, has_grad in pieces:
             entry = self._column_sums_entry(sums, geometry, p.device)
-            kernels.accumulate_column_sums_(entry.col_sum_H, state["exp_avg_sq"], geometry,
-                                            rows_limit=self._rows_counted(group, geometry))
+            rows_limit = self._rows_counted(group, geometry)
+            if self.compact_coupled_state:
+                self._compact_column_sums(entry.col_sum_H, group, p, state, geometry, has_grad)
+            elif self.blocked:
+                beta1, beta2 = group["betas"]
+                kernels.moments_and_column_sums_(
+                    entry.col_sum_H, state["exp_avg"], state["exp_avg_sq"],
+                    p.grad if has_grad else None, geometry, beta1=beta1, beta2=beta2,
+                    maximize=group["maximize"], rows_limit=rows_limit)
+            else:
+                kernels.accumulate_column_sums_(entry.col_sum_H, state["exp_avg_sq"], geometry,
+                                                rows_limit=rows_limit)
         for geometry, device in self._empty_pieces:
             self._column_sums_entry(sums, geometry, device)
         self.last_reduce_bytes = allreduce_column_sums_(sums)
         for group, p, state, geometry, has_grad in pieces:
+            col_sum_H = sums[geometry.key].col_sum_H
+            if self.compact_coupled_state:
+                state.pop("exp_avg_sq", None)
+                state["exp_avg_sq_col_mean"] = col_sum_H / self._rows_counted(group, geometry)
             if has_grad:
-                self._apply(group, p, state, geometry, sums[geometry.key].col_sum_H)
+                self._apply(group, p, state, geometry, col_sum_H)
+
+    @property
+    def _fused_phase1(self) -> bool:
+        """Whether phase 1 runs per piece (fast kernels or compact state), not as foreach lists."""
+        return self.blocked or self.compact_coupled_state
+
+    def _compact_column_sums(self, col_sum_H: torch.Tensor, group: dict[str, Any],
+                             p: torch.Tensor, state: dict[str, Any], geometry: ShardGeometry,
+                             has_grad: bool) -> None:
+        """Add this piece's share of sum_i v_new[i, :] using only the [H] mean (DESIGN §2).
+
+        The piece's current v sums to count_H * mean_H per column (every row of the compact v is
+        the mean); a full v loaded from a checkpoint is summed as it is, which reduces it back
+        exactly. With a gradient, v_new = beta2 v + (1 - beta2) g^2, so its sum needs only the
+        column sums of g^2; without one, v is unchanged, as in the full-state step.
+        """
+        beta1, beta2 = group["betas"]
+        rows_limit = self._rows_counted(group, geometry)
+        if "exp_avg_sq" in state:
+            old_sum_H = torch.zeros_like(col_sum_H)
+            kernels.accumulate_column_sums_(old_sum_H, state["exp_avg_sq"], geometry,
+                                            rows_limit=rows_limit)
+        else:
+            counts_H = kernels.column_counts(geometry, rows_limit, device=col_sum_H.device)
+            old_sum_H = counts_H * state["exp_avg_sq_col_mean"].to(col_sum_H.device)
+        if not has_grad:
+            col_sum_H += old_sum_H
+            return
+        grad_sq_sum_H = torch.zeros_like(col_sum_H)
+        if self.blocked:
+            kernels.moments_and_column_sums_(
+                grad_sq_sum_H, state["exp_avg"], None, p.grad, geometry, beta1=beta1,
+                beta2=beta2, maximize=group["maximize"], rows_limit=rows_limit)
+        else:
+            kernels.update_moments_([kernels.owned_view(state["exp_avg"], geometry)], [],
+                                    [kernels.owned_view(p.grad, geometry)], beta1=beta1,
+                                    beta2=beta2, maximize=group["maximize"])
+            kernels.accumulate_column_sums_(grad_sq_sum_H, p.grad, geometry,
+                                            rows_limit=rows_limit, square=True)
+        col_sum_H += beta2 * old_sum_H + (1.0 - beta2) * grad_sq_sum_H
 
     @staticmethod
     def _column_sums_entry(sums: dict[str, ColumnSums], geometry: ShardGeometry,

@@ -1,0 +1,418 @@
+"""One optimizer step, Coupled Adam against the alternatives, side by side in one process.
+
+    make bench                                   # default: about 2-3 minutes on 2 cores
+    .venv/bin/python bench/step_bench.py --shapes 50304x768,50304x4096,128256x4096 --steps 9
+    .venv/bin/python bench/step_bench.py --only matrix --threads 1
+    .venv/bin/python bench/step_bench.py --deepspeed   # also JIT-build DeepSpeedCPUAdam (minutes)
+
+Sections (``--only`` picks some): ``matrix`` (one [V, H] step per implementation), ``gpt2`` (the
+whole parameter set of a GPT-2-small-shaped model, only the embedding coupled), ``dist`` (2 gloo
+ranks: what the cross-rank reduction adds, in time and bytes).
+
+How it measures, and why:
+
+* Time: median of ``--steps`` steps after 2 warm-up steps. This machine is shared, so every
+  candidate is timed in alternation with torch's fused AdamW on a matrix of the same shape
+  (A B, B A, ...), and its ratio is the median of the per-pair ratios: a load spike slows both
+  members of a pair. A second fused AdamW instance is timed the same way as a control: its
+  ratio shows the noise of the measurement. The load average is printed at start and end.
+* Peak memory of a step: tracemalloc cannot see torch's allocations, so the bench resets the
+  kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs`` resets VmHWM) right before one
+  step and reports VmHWM minus the RSS before it. Tensors of a matrix's size are far above
+  glibc's mmap threshold (32 MiB at most), so each temporary of that size shows up in full;
+  small temporaries may be served from already-resident heap and read as 0. "state" is the
+  persistent optimizer state (sum of the state tensors' bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from coupled_ds import CoupledAdam, ShardGeometry, cpu_kernels, kernels  # noqa: E402
+
+HP = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+MiB = 1 << 20
+
+
+# ---------------------------------------------------------------------------- machine
+def describe_machine() -> list[str]:
+    model, cpus = platform.processor() or "?", os.cpu_count()
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict((k.strip(), v.strip()) for k, v in
+                      (line.split(":", 1) for line in lscpu.splitlines() if ":" in line))
+        model = fields.get("Model name", model)
+        cpus = fields.get("CPU(s)", cpus)
+        caches = ", ".join(f"{k.split()[0]} {fields[k]}" for k in ("L2 cache", "L3 cache")
+                           if k in fields)
+    except (OSError, subprocess.SubprocessError):
+        caches = "?"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lib = cpu_kernels.library()
+    if lib is None:
+        native = f"unavailable ({cpu_kernels.unavailable_reason()})"
+    else:
+        native = "loaded (" + ("OpenMP, on torch's thread pool" if lib.coupled_uses_openmp()
+                               else "pthreads") + ")"
+    return [f"CPU: {model}, {cpus} CPUs ({caches}); load average {load}",
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"SIMD {torch.backends.cpu.get_cpu_capability()}, Python {platform.python_version()}",
+            f"coupled_ds C kernels: {native}"]
+
+
+def c_build_seconds() -> float | None:
+    """Cold build time of the C kernels (the one-off cost of the first CoupledAdam)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        try:
+            cpu_kernels._compile(Path(tmp) / "probe.so")
+        except (OSError, RuntimeError, subprocess.SubprocessError):
+            return None
+        return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------- measuring
+def _rss_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def step_peak_bytes(step: Callable[[], object]) -> int | None:
+    """Peak RSS above the RSS before one step (None where /proc cannot reset the peak)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    before = _rss_bytes("VmRSS")
+    step()
+    peak = _rss_bytes("VmHWM")
+    return None if before is None or peak is None else max(0, peak - before)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if torch.is_tensor(t) and t.dim() > 0)
+
+
+def time_against(step: Callable[[], object], baseline: Callable[[], object], steps: int
+                 ) -> tuple[float, float, float]:
+    """(candidate ms, baseline ms, median ratio of alternating pairs)."""
+    for _ in range(2):
+        step()
+        baseline()
+    cand, base = [], []
+    for i in range(steps):  # A B, B A, A B, ...: neither side always runs first
+        pair = (step, baseline) if i % 2 == 0 else (baseline, step)
+        t0 = time.perf_counter()
+        pair[0]()
+        t1 = time.perf_counter()
+        pair[1]()
+        t2 = time.perf_counter()
+        first, second = t1 - t0, t2 - t1
+        cand.append(first if i % 2 == 0 else second)
+        base.append(second if i % 2 == 0 else first)
+    ratios = [c / b for c, b in zip(cand, base)]
+    return statistics.median(cand) * 1e3, statistics.median(base) * 1e3, statistics.median(ratios)
+
+
+# ---------------------------------------------------------------------------- candidates
+class AuthorsForeachCoupled:
+    """The authors' algorithm written the straightforward way (their code is a copy of torch
+    2.4's foreach AdamW): full v, mean over rows at read time, full-size denominators."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float],
+                 eps: float, weight_decay: float = 0.0) -> None:
+        self.params, self.lr, self.betas, self.eps, self.wd = params, lr, betas, eps, weight_decay
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+        self.state = {i: {"exp_avg": m, "exp_avg_sq": v} for i, (m, v) in enumerate(zip(self.m, self.v))}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        grads = [p.grad for p in self.params]
+        torch._foreach_mul_(self.params, 1 - self.lr * self.wd)
+        torch._foreach_lerp_(self.m, grads, 1 - b1)
+        torch._foreach_mul_(self.v, b2)
+        torch._foreach_addcmul_(self.v, grads, grads, 1 - b2)
+        vbar = [v.mean(0, keepdim=True).expand_as(v) for v in self.v]
+        denom = torch._foreach_sqrt(vbar)  # full size, as torch 2.4's foreach AdamW
+        torch._foreach_div_(denom, (1 - b2**self.t) ** 0.5)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(self.params, self.m, denom, -self.lr / (1 - b1**self.t))
+
+
+def deepspeed_candidates(allow_build: bool) -> tuple[dict[str, Callable], list[str]]:
+    """DeepSpeed's FusedAdam / DeepSpeedCPUAdam where their ops are built (or --deepspeed builds
+    them), and why not otherwise. With DS_ACCELERATOR=cpu both are DeepSpeed's CPU C++ ops."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    notes: list[str] = []
+    out: dict[str, Callable] = {}
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+        from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+        from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder
+    except Exception as exc:  # noqa: BLE001 - any import failure is a reportable outcome
+        return {}, [f"DeepSpeed optimizers: import failed ({type(exc).__name__}: {exc})"]
+    makers = {
+        "DeepSpeed FusedAdam": (FusedAdamBuilder(),
+                                lambda ps: FusedAdam(ps, **HP, weight_decay=0.0, adam_w_mode=True)),
+        "DeepSpeedCPUAdam": (CPUAdamBuilder(),
+                             lambda ps: DeepSpeedCPUAdam(ps, **HP, weight_decay=0.0, adamw_mode=True)),
+    }
+    for label, (builder, make) in makers.items():
+        build_dir = Path(cpp_extension._get_build_directory(builder.name, False))
+        if not builder.is_compatible(verbose=False):
+            notes.append(f"{label}: its op is not compatible with this machine")
+            continue
+        if not (any(build_dir.glob("*.so")) or allow_build):
+            notes.append(f"{label}: not run (its C++ op is not built here; pass --deepspeed to "
+                         "JIT-build it: about 4 minutes on 2 cores)")
+            continue
+        try:
+            probe = torch.nn.Parameter(torch.zeros(4))
+            probe.grad = torch.zeros(4)
+            make([probe]).step()
+            out[label] = make
+        except Exception as exc:  # noqa: BLE001
+            notes.append(f"{label}: failed to build or run ({type(exc).__name__}: {str(exc)[:160]})")
+    return out, notes
+
+
+def matrix_candidates(allow_ds_build: bool) -> tuple[dict[str, Callable], list[str]]:
+    def coupled(**kw):
+        return lambda ps: CoupledAdam([{"params": ps, "coupled": True}], **HP, weight_decay=0.0, **kw)
+
+    out = {
+        "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, **HP, weight_decay=0.0, fused=True),
+        "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, **HP, weight_decay=0.0, foreach=True),
+        "authors-style foreach coupled": lambda ps: AuthorsForeachCoupled(ps, **HP),
+        "CoupledAdam fast (default)": coupled(),
+        "CoupledAdam compact state": coupled(compact_coupled_state=True),
+        "CoupledAdam reference ops": coupled(blocked=False),
+        "CoupledAdam torch-chunked fallback": coupled(),  # run with the C kernels switched off
+    }
+    ds, notes = deepspeed_candidates(allow_ds_build)
+    out.update(ds)
+    return out, notes
+
+
+# ---------------------------------------------------------------------------- sections
+def _table(rows: list[tuple], header: tuple) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                        for i, (c, w) in enumerate(zip(r, widths))))
+
+
+SLOW = ("CoupledAdam reference ops", "CoupledAdam torch-chunked fallback", "torch AdamW foreach")
+
+
+def bench_matrix(V: int, H: int, steps: int, allow_ds_build: bool, slow: bool = True) -> None:
+    print(f"\n## One step on a [{V}, {H}] fp32 matrix ({V * H * 4 / MiB:.0f} MiB per tensor)")
+    torch.manual_seed(0)
+    base_p = torch.nn.Parameter(torch.randn(V, H) * 0.02)
+    base_p.grad = torch.randn(V, H) * 1e-3
+    baseline = torch.optim.AdamW([base_p], **HP, weight_decay=0.0, fused=True)
+    p = torch.nn.Parameter(torch.randn(V, H) * 0.02)
+    p.grad = base_p.grad
+    candidates, notes = matrix_candidates(allow_ds_build)
+    rows = []
+    for name, make in candidates.items():
+        if name in SLOW and not slow:
+            continue
+        opt = make([p])
+        saved = dict(cpu_kernels._state)
+        if "fallback" in name:
+            cpu_kernels._state.update(lib=None, reason="switched off by the bench")
+        try:
+            opt.step()  # state allocated outside the measurements
+            peak = step_peak_bytes(opt.step)
+            ms, base_ms, ratio = time_against(opt.step, baseline.step, steps)
+        finally:
+            cpu_kernels._state.clear()
+            cpu_kernels._state.update(saved)
+        peak_s = "n/a" if peak is None else f"{peak / MiB:.0f}"
+        rows.append((name, f"{ms:.1f}", f"{base_ms:.1f}", f"{ratio:.2f}x", peak_s,
+                     f"{state_bytes(opt) / MiB:.0f}"))
+        del opt
+    _table(rows, ("implementation", "ms", "fused AdamW ms (paired)", "ratio", "step peak MiB",
+                  "state MiB"))
+    for note in notes:
+        print(f"  note: {note}")
+
+
+def gpt2_small_params() -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """(tied embedding [50304, 768], matrices with decay, vectors and positions without)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        p = torch.nn.Parameter(torch.randn(*shape, generator=gen) * 0.02)
+        p.grad = torch.randn(*shape, generator=gen) * 1e-3
+        return p
+
+    wte, decay, no_decay = t(50304, 768), [], [t(1024, 768)]
+    for _ in range(12):
+        decay += [t(2304, 768), t(768, 768), t(3072, 768), t(768, 3072)]
+        no_decay += [t(768), t(768), t(2304), t(768), t(768), t(768), t(3072), t(768)]
+    no_decay += [t(768), t(768)]
+    return wte, decay, no_decay
+
+
+def bench_gpt2(steps: int) -> None:
+    wte, decay, no_decay = gpt2_small_params()
+    n = sum(p.numel() for p in [wte, *decay, *no_decay])
+    print(f"\n## GPT-2-small parameter set ({n / 1e6:.1f}M params, tied [50304, 768] embedding "
+          "coupled, the rest AdamW)")
+
+    def groups(coupled):
+        return [{"params": [wte], "weight_decay": 0.0, "coupled": coupled},
+                {"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+
+    baseline = torch.optim.AdamW(groups(False), **HP, fused=True)  # ignores the "coupled" key
+    candidates = {
+        "torch AdamW fused (second instance)": lambda: torch.optim.AdamW(groups(False), **HP,
+                                                                         fused=True),
+        "CoupledAdam fast, fused AdamW for the rest": lambda: CoupledAdam(groups(True), **HP,
+                                                                          fused=True),
+        "CoupledAdam compact, fused AdamW for the rest": lambda: CoupledAdam(
+            groups(True), **HP, fused=True, compact_coupled_state=True),
+    }
+    rows = []
+    for name, make in candidates.items():
+        opt = make()
+        opt.step()
+        peak = step_peak_bytes(opt.step)
+        ms, base_ms, ratio = time_against(opt.step, baseline.step, steps)
+        rows.append((name, f"{ms:.1f}", f"{base_ms:.1f}", f"{ratio:.2f}x",
+                     "n/a" if peak is None else f"{peak / MiB:.0f}", f"{state_bytes(opt) / MiB:.0f}"))
+        del opt
+    _table(rows, ("whole optimizer", "ms", "fused AdamW ms (paired)", "ratio", "step peak MiB",
+                  "state MiB"))
+
+
+def _rank_step_costs(rank: int, world: int, V: int, H: int, steps: int) -> dict:
+    """One rank's flat slice (cut mid-row): the coupled step with and without the reduction, and
+    the time spent inside the reduction (which includes waiting for the slower rank)."""
+    from coupled_ds import optimizer as optimizer_module
+
+    total = V * H
+    per_rank = -(-total // world) + 3  # + 3: the cut between ranks falls mid-row
+    start = min(total, rank * per_rank)
+    numel = min(total, start + per_rank) - start
+    gen = torch.Generator().manual_seed(rank)
+    reduce_times: list[float] = []
+    allreduce = optimizer_module.allreduce_column_sums_
+
+    def timed_allreduce(sums):
+        t0 = time.perf_counter()
+        sent = allreduce(sums)
+        reduce_times.append(time.perf_counter() - t0)
+        return sent
+
+    optimizer_module.allreduce_column_sums_ = timed_allreduce
+    out = {"start": start}
+    for name, groups in (("coupled step, with all-reduce", (dist.group.WORLD,)),
+                         ("coupled step, no reduction", ())):
+        p = torch.nn.Parameter(torch.randn(numel, generator=gen) * 0.02)
+        p.grad = torch.randn(numel, generator=gen) * 1e-3
+        geometry = ShardGeometry("E", V, H, start_global_flat=start, numel=numel, groups=groups)
+        opt = CoupledAdam([{"params": [p], "coupled": True}], **HP, weight_decay=0.0,
+                          geometries=[(p, geometry)])
+        times = []
+        reduce_times.clear()
+        for _ in range(steps + 2):
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        out[name] = (statistics.median(times[2:]) * 1e3, opt.last_reduce_bytes)
+        if groups:
+            out["reduction inside the step"] = (statistics.median(reduce_times[2:]) * 1e3,
+                                                opt.last_reduce_bytes)
+    optimizer_module.allreduce_column_sums_ = allreduce
+    return out
+
+
+def bench_dist(V: int, H: int, steps: int, world: int = 2) -> None:
+    from tests.dist import run_on_ranks
+
+    print(f"\n## {world} gloo ranks, [{V}, {H}] cut into flat slices (mid-row), 1 thread per rank")
+    results = run_on_ranks(world, _rank_step_costs, V, H, steps, timeout=600)
+    rows = []
+    for name in ("coupled step, with all-reduce", "coupled step, no reduction",
+                 "reduction inside the step"):
+        ms = [r[name][0] for r in results]
+        rows.append((name, " / ".join(f"{x:.2f}" for x in ms), str(results[0][name][1])))
+    _table(rows, ("per rank", "ms (rank 0 / rank 1)", "bytes sent per rank per step"))
+    print(f"  coupling across ranks adds one all-reduce of {H} float32 "
+          f"({results[0]['reduction inside the step'][1]} bytes) per step and rank, against "
+          f"{V * H * 4 / world / MiB:.0f} MiB of gradient per rank for DDP/ZeRO; its time includes "
+          "waiting for the slower rank")
+
+
+# ---------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="50304x768,128256x768",
+                        help="comma-separated VxH matrices (e.g. add 50304x4096,128256x4096; "
+                             "each needs ~6 tensors of V*H*4 bytes)")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per candidate")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--only", default="matrix,gpt2,dist", help="sections to run")
+    parser.add_argument("--dist-shape", default="50304x768")
+    parser.add_argument("--all", action="store_true",
+                        help="time the slow candidates (%s) on every shape, not only the first"
+                        % ", ".join(SLOW))
+    parser.add_argument("--deepspeed", action="store_true",
+                        help="JIT-build DeepSpeedCPUAdam if it is not built yet (minutes)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = set(args.only.split(","))
+    start = time.perf_counter()
+    print("# coupled_ds step benchmark")
+    for line in describe_machine():
+        print(f"  {line}")
+    build = c_build_seconds()
+    print(f"  C kernels cold build: {'failed' if build is None else f'{build:.2f} s'} "
+          "(once per machine; cached afterwards)")
+    if "matrix" in sections:
+        for index, shape in enumerate(args.shapes.split(",")):
+            V, H = (int(x) for x in shape.lower().split("x"))
+            bench_matrix(V, H, args.steps, args.deepspeed, slow=index == 0 or args.all)
+    if "gpt2" in sections:
+        bench_gpt2(args.steps)
+    if "dist" in sections:
+        V, H = (int(x) for x in args.dist_shape.lower().split("x"))
+        bench_dist(V, H, args.steps)
+    print(f"\n(total {time.perf_counter() - start:.0f} s; load average now "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())})")
+
+
+if __name__ == "__main__":
+    main()
