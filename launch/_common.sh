@@ -72,6 +72,16 @@ check_file() {
     [[ -f "$2" ]] || die "$1 '$2' not found."
 }
 
+# The inputs of a DeepSpeed training run, checked before any process starts.
+# Usage: check_ds_run_inputs SAVE_DIR CONFIG SCRIPT [DATA...]
+check_ds_run_inputs() {
+    [[ -n "$1" ]] || die "--save-dir is required (checkpoints go there; a relaunch resumes from it)"
+    check_json "$2"
+    check_file "training script" "$3"
+    shift 3
+    check_data "$@"
+}
+
 # ds_latest_tag DIR: tag in DIR/latest (a DeepSpeed checkpoint directory), or nothing.
 ds_latest_tag() {
     [[ -f "$1/latest" ]] && tr -d '[:space:]' <"$1/latest"

@@ -80,10 +80,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 # ---- checks: everything a user can get wrong, before any process starts
-[[ -n "$SAVE_DIR" ]] || die "--save-dir is required (checkpoints go there; a relaunch resumes from it)"
-check_json "$CONFIG"
-check_file "training script" "$SCRIPT"
-check_data "${DATA[@]}"
+check_ds_run_inputs "$SAVE_DIR" "$CONFIG" "$SCRIPT" "${DATA[@]}"
 case $LAUNCHER in
     pdsh | openmpi | mpich | impi | mvapich | slurm) ;;
     *) die "--launcher must be one of pdsh, openmpi, mpich, impi, mvapich, slurm; got '$LAUNCHER'" ;;

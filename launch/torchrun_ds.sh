@@ -61,10 +61,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-[[ -n "$SAVE_DIR" ]] || die "--save-dir is required (checkpoints go there; a relaunch resumes from it)"
-check_json "$CONFIG"
-check_file "training script" "$SCRIPT"
-check_data "${DATA[@]}"
+check_ds_run_inputs "$SAVE_DIR" "$CONFIG" "$SCRIPT" "${DATA[@]}"
 check_torchrun_options
 
 tag=$(ds_latest_tag "$SAVE_DIR/checkpoints")
