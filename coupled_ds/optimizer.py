@@ -283,40 +283,21 @@ class CoupledAdam(torch.optim.Optimizer):
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
 
     def _coupled_groups(self, groups: list[dict[str, Any]]) -> None:
-        """Moments, column sums, one reduction for all coupled matrices, then the updates."""
+        """Moments and column sums per piece, one reduction for all coupled matrices, updates."""
         pieces = []  # (group, p, state, geometry, has_grad)
         for group in groups:
             self._check_coupled_group(group, "coupled group")
-            exp_avgs, exp_avg_sqs, grads = [], [], []
             for index, p in enumerate(group["params"]):
                 self._check_grad(group, index, p)
                 geometry = self.geometry_of(p)
                 state = self._init_coupled_state(p, geometry)
-                if p.grad is not None and not self._fused_phase1:
-                    exp_avgs.append(kernels.owned_view(state["exp_avg"], geometry))
-                    exp_avg_sqs.append(kernels.owned_view(state["exp_avg_sq"], geometry))
-                    grads.append(kernels.owned_view(p.grad, geometry))
                 pieces.append((group, p, state, geometry, p.grad is not None))
-            beta1, beta2 = group["betas"]
-            kernels.update_moments_(exp_avgs, exp_avg_sqs, grads, beta1=beta1, beta2=beta2,
-                                    maximize=group["maximize"])
         # A piece without a gradient still reports its (unchanged) v: the other pieces of the
         # matrix need the whole column mean, and every rank must enter the collective.
         sums: dict[str, ColumnSums] = {}
         for group, p, state, geometry, has_grad in pieces:
             entry = self._column_sums_entry(sums, geometry, p.device)
-            rows_limit = self._rows_counted(group, geometry)
-            if self.compact_coupled_state:
-                self._compact_column_sums(entry.col_sum_H, group, p, state, geometry, has_grad)
-            elif self.blocked:
-                beta1, beta2 = group["betas"]
-                kernels.moments_and_column_sums_(
-                    entry.col_sum_H, state["exp_avg"], state["exp_avg_sq"],
-                    p.grad if has_grad else None, geometry, beta1=beta1, beta2=beta2,
-                    maximize=group["maximize"], rows_limit=rows_limit)
-            else:
-                kernels.accumulate_column_sums_(entry.col_sum_H, state["exp_avg_sq"], geometry,
-                                                rows_limit=rows_limit)
+            self._moments_and_column_sums(entry.col_sum_H, group, p, state, geometry, has_grad)
         for geometry, device in self._empty_pieces:
             self._column_sums_entry(sums, geometry, device)
         self.last_reduce_bytes = allreduce_column_sums_(sums)
@@ -328,10 +309,29 @@ class CoupledAdam(torch.optim.Optimizer):
             if has_grad:
                 self._apply(group, p, state, geometry, col_sum_H)
 
-    @property
-    def _fused_phase1(self) -> bool:
-        """Whether phase 1 runs per piece (fast kernels or compact state), not as foreach lists."""
-        return self.blocked or self.compact_coupled_state
+    def _moments_and_column_sums(self, col_sum_H: torch.Tensor, group: dict[str, Any],
+                                 p: torch.Tensor, state: dict[str, Any],
+                                 geometry: ShardGeometry, has_grad: bool) -> None:
+        """Phase 1 for one piece: update m and v (if it has a gradient) and add the column sums
+        of the new v over real-vocabulary rows to ``col_sum_H``."""
+        if self.compact_coupled_state:
+            self._compact_column_sums(col_sum_H, group, p, state, geometry, has_grad)
+            return
+        beta1, beta2 = group["betas"]
+        rows_limit = self._rows_counted(group, geometry)
+        if self.blocked:  # one pass over m, v and g
+            kernels.moments_and_column_sums_(
+                col_sum_H, state["exp_avg"], state["exp_avg_sq"], p.grad if has_grad else None,
+                geometry, beta1=beta1, beta2=beta2, maximize=group["maximize"],
+                rows_limit=rows_limit)
+            return
+        if has_grad:
+            kernels.update_moments_([kernels.owned_view(state["exp_avg"], geometry)],
+                                    [kernels.owned_view(state["exp_avg_sq"], geometry)],
+                                    [kernels.owned_view(p.grad, geometry)], beta1=beta1,
+                                    beta2=beta2, maximize=group["maximize"])
+        kernels.accumulate_column_sums_(col_sum_H, state["exp_avg_sq"], geometry,
+                                        rows_limit=rows_limit)
 
     def _compact_column_sums(self, col_sum_H: torch.Tensor, group: dict[str, Any],
                              p: torch.Tensor, state: dict[str, Any], geometry: ShardGeometry,
