@@ -1,6 +1,6 @@
 """megatron_patch: ``optimizer="coupled_adam"`` through megatron-core's own DDP,
 DistributedOptimizer, Float16 and FP32 wrappers on gloo CPU ranks, against single-process references on the gathered
-full matrices (tests/test_megatron_harness.py runs the ranks, tests/megatron_shim.py maps
+full matrices (tests/megatron_harness.py runs the ranks, tests/megatron_shim.py maps
 Megatron's CUDA allocations to the CPU).
 
 Layouts covered (V_real=37 padded to 40 or 48, H=12): TP=1/DP=2, TP=2/DP=1, TP=2/DP=2; the
@@ -26,7 +26,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 from coupled_ds import CoupledAdam  # noqa: E402
 from tests.dist import run_on_ranks  # noqa: E402
 from tests.reference import coupled_adam_reference  # noqa: E402
-from tests.test_megatron_harness import HP, V_REAL, RunSpec, assemble, run_specs  # noqa: E402
+from tests.megatron_harness import HP, V_REAL, RunSpec, assemble, run_specs  # noqa: E402
 
 COUPLED = ("embedding.word_embeddings.weight", "output_layer.weight")
 TOL = 1e-5          # relative, acceptance bound
