@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(data_dir / "token_counts.npy", save_dir / "token_counts.npy")
         metrics = {"optimizer": cfg["optimizer"]["type"], "steps": args.steps, "world_size": world,
                    "zero_stage": engine.zero_optimization_stage(), "val_loss": val,
-                   "train_loss": loss_value, "train_seconds": train_s, "resumed_from": start,
+                   "train_loss": loss_value, "seconds_this_launch": train_s, "resumed_from": start,
                    **embedding_summary(state["wte.weight"], corpus.counts_V)}
         (save_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         print(f"[train_ds] done: {json.dumps(metrics)}", flush=True)
