@@ -25,6 +25,14 @@ class ColumnSums:
     groups: tuple[dist.ProcessGroup | None, ...]
 
 
+def _collective_device(group: dist.ProcessGroup | None, buffer: torch.Tensor) -> torch.device:
+    """Where the all-reduce must run: NCCL takes CUDA tensors only, so an offloaded optimizer
+    (CPU state, e.g. ZeRO offload_optimizer) under NCCL sends its [H] sums through the GPU."""
+    if buffer.device.type == "cpu" and str(dist.get_backend(group)).lower() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return buffer.device
+
+
 def allreduce_column_sums_(sums_by_key: dict[str, ColumnSums]) -> int:
     """All-reduce (sum) every distributed entry in place over its groups.
 
@@ -44,7 +52,13 @@ def allreduce_column_sums_(sums_by_key: dict[str, ColumnSums]) -> int:
         parts = [sums_by_key[k].col_sum_H for k in keys]
         buffer = torch.cat(parts) if len(parts) > 1 else parts[0]
         for group in group_lists[batch_id]:
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+            device = _collective_device(group, buffer)
+            if device == buffer.device:
+                dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+            else:
+                moved = buffer.to(device)
+                dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
+                buffer.copy_(moved)
             sent += buffer.numel() * buffer.element_size()
         if len(parts) > 1:
             offset = 0
