@@ -6,7 +6,7 @@ printed table into README "Performance". Takes about 1-2 minutes (mostly Triton 
     python bench/gpu_check.py --sweep         # also time alternative Triton launch shapes
 
 It checks, in order:
-1. the Triton kernels against torch ops (tests/test_kernels.py -k triton, run by pytest);
+1. tests/test_triton.py (the kernels and the whole step against torch ops and float64);
 2. CoupledAdam on CUDA (fast = Triton, compact, reference torch ops) against the float64
    reference, fp32 and bf16, with vocab_size masking;
 3. one step on [50304, 768] and [128256, 4096] fp32: CoupledAdam fast / compact / reference vs
@@ -116,14 +116,17 @@ def bench_shape(V: int, H: int, peak_gbs: float) -> list[dict]:
     return rows
 
 
+_LAUNCH_KNOBS = ("ROWS", "BLOCK_COLS", "WARPS_PHASE1", "ROWS_PHASE2", "BLOCK_COLS_PHASE2",
+                 "WARPS_PHASE2")
+
+
 def sweep_launch_shapes(V: int, H: int) -> list[tuple]:
-    """Phase-1 + phase-2 time for alternative launch shapes of the Triton kernels."""
+    """Phase-1 and phase-2 time for alternative launch shapes of the Triton kernels."""
     m, v, g = (torch.rand(V, H, device="cuda") for _ in range(3))
     p = torch.randn(V, H, device="cuda")
     acc = torch.zeros(H, device="cuda")
     denom = torch.rand(H, device="cuda") + 0.5
-    defaults = (triton_kernels.ROWS, triton_kernels.BLOCK_COLS, triton_kernels.WARPS_PHASE1,
-                triton_kernels.BLOCK_FLAT, triton_kernels.WARPS_PHASE2)
+    defaults = {name: getattr(triton_kernels, name) for name in _LAUNCH_KNOBS}
     out = []
     try:
         for rows in (32, 64, 128):
@@ -135,15 +138,17 @@ def sweep_launch_shapes(V: int, H: int) -> list[tuple]:
                         acc, m, v, g, rows=V, H=H, rows_acc=V, beta1=0.9, beta2=0.95,
                         maximize=False), steps=10)
                     out.append(("phase1", rows, block, warps, ms, 5 * V * H * 4 / ms / 1e6))
-        for block in (1024, 2048, 4096, 8192):
-            for warps in (4, 8):
-                triton_kernels.BLOCK_FLAT, triton_kernels.WARPS_PHASE2 = block, warps
-                ms = _median_ms(lambda: triton_kernels.phase2_rows_(
-                    p, m, denom, rows=V, H=H, step_size=1e-4, decay=1.0), steps=10)
-                out.append(("phase2", None, block, warps, ms, 3 * V * H * 4 / ms / 1e6))
+        for rows in (4, 8, 16):
+            for block in (128, 256, 512):
+                for warps in (4, 8):
+                    triton_kernels.ROWS_PHASE2, triton_kernels.BLOCK_COLS_PHASE2 = rows, block
+                    triton_kernels.WARPS_PHASE2 = warps
+                    ms = _median_ms(lambda: triton_kernels.phase2_rows_(
+                        p, m, denom, rows=V, H=H, step_size=1e-4, decay=1.0), steps=10)
+                    out.append(("phase2", rows, block, warps, ms, 3 * V * H * 4 / ms / 1e6))
     finally:
-        (triton_kernels.ROWS, triton_kernels.BLOCK_COLS, triton_kernels.WARPS_PHASE1,
-         triton_kernels.BLOCK_FLAT, triton_kernels.WARPS_PHASE2) = defaults
+        for name, value in defaults.items():
+            setattr(triton_kernels, name, value)
     return out
 
 
@@ -160,8 +165,8 @@ def main() -> None:
                          f"triton={triton_kernels.available()})")
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {__import__('triton').__version__}")
-    rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-x", str(ROOT / "tests/test_kernels.py"),
-                          "-k", "triton"], cwd=ROOT)
+    rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-x",
+                          str(ROOT / "tests/test_triton.py")], cwd=ROOT)
     if rc != 0:
         raise SystemExit("Triton kernel tests FAILED")
     errors = check_correctness()

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,13 +29,13 @@ def _data(steps=STEPS, rows=V, cols=H, seed=0):
     return init, grads
 
 
-def _run(init, grads, *, vocab_size=None, dtype=torch.float32, **options):
-    p = torch.nn.Parameter(init.clone().to(dtype))
+def _run(init, grads, *, vocab_size=None, dtype=torch.float32, device="cpu", **options):
+    p = torch.nn.Parameter(init.clone().to(device, dtype))
     opt = CoupledAdam([{"params": [p], "coupled": True, "vocab_size": vocab_size}], **HP, **options)
     for g in grads:
-        p.grad = g.clone().to(dtype)
+        p.grad = g.clone().to(device, dtype)
         opt.step()
-    return p.detach(), opt
+    return p.detach().cpu(), opt
 
 
 @pytest.fixture
@@ -94,12 +97,14 @@ def _pieces(cuts, per_piece_pad=3):
     return out
 
 
-def _run_pieces(init, grads, *, vocab_size=None, cuts=(2 * H + 3, 21 * H + 5), **options):
+def _run_pieces(init, grads, *, vocab_size=None, cuts=(2 * H + 3, 21 * H + 5), device="cpu",
+                **options):
     """Every piece of the matrix held by one optimizer, with no process group: their column sums
     share one accumulator, so this exercises mid-row geometry without spawning ranks."""
     params, geometries = [], []
+    init = init.to(device)
     for start, end, geometry in _pieces(cuts):
-        local = torch.full((geometry.offset_local + (end - start) + 2,), 7.0)  # padding: 7
+        local = torch.full((geometry.offset_local + (end - start) + 2,), 7.0, device=device)
         local[geometry.offset_local : geometry.offset_local + end - start] = init.view(-1)[start:end]
         params.append(torch.nn.Parameter(local))
         geometries.append(geometry)
@@ -111,13 +116,13 @@ def _run_pieces(init, grads, *, vocab_size=None, cuts=(2 * H + 3, 21 * H + 5), *
             kernels.owned_view(p.grad, geometry).copy_(
                 g.view(-1)[geometry.start_global_flat : geometry.start_global_flat + geometry.numel])
         opt.step()
-    full = torch.empty(V * H)
+    full = torch.empty(V * H, device=device)
     for p, geometry in zip(params, geometries):
         assert torch.all(p.detach()[: geometry.offset_local] == 7.0), "engine padding was touched"
         assert torch.all(p.detach()[geometry.offset_local + geometry.numel :] == 7.0)
         full[geometry.start_global_flat : geometry.start_global_flat + geometry.numel] = \
             kernels.owned_view(p.detach(), geometry)
-    return full.view(V, H), opt, params
+    return full.view(V, H).cpu(), opt, params
 
 
 @pytest.mark.parametrize("vocab_size", [None, 33])
@@ -300,36 +305,24 @@ def test_pthread_build_matches_reference(monkeypatch, tmp_path):
     torch.testing.assert_close(got_pieces, reference, rtol=1e-6, atol=1e-6)
 
 
-def _triton_device():
-    if torch.cuda.is_available() and triton_kernels.available():
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") == "1" and triton_kernels.available():
-        return "cpu"  # Triton's interpreter runs the kernels on CPU tensors
-    return None
+def test_triton_tests_pass_under_the_interpreter():
+    """tests/test_triton.py on CPU through Triton's interpreter, where there is no GPU (CI).
 
-
-@pytest.mark.skipif(_triton_device() is None,
-                    reason="needs a CUDA GPU with Triton (or Triton with TRITON_INTERPRET=1)")
-@pytest.mark.parametrize("compact", [False, True])
-def test_triton_kernels_match_reference(compact):
-    device = _triton_device()
-    rows, cols, rows_acc = 150, 300, 131  # partial blocks in both directions, masked rows
-    gen = torch.Generator().manual_seed(1)
-    p, g, m, v = (torch.randn(rows, cols, generator=gen).to(device) for _ in range(4))
-    v = v.abs()
-    m_ref, v_ref, p_ref = m.clone(), v.clone(), p.clone()
-    acc = torch.zeros(cols, device=device)
-    triton_kernels.phase1_rows_(acc, m, None if compact else v, g, rows=rows, H=cols,
-                                rows_acc=rows_acc, beta1=0.9, beta2=0.95, maximize=False)
-    m_ref.lerp_(g, 0.1)
-    v_ref.mul_(0.95).addcmul_(g, g, value=0.05)
-    expected = (g * g if compact else v_ref)[:rows_acc].sum(0)
-    torch.testing.assert_close(m, m_ref)
-    torch.testing.assert_close(v, v if compact else v_ref)
-    torch.testing.assert_close(acc, expected, rtol=1e-5, atol=1e-4)
-    denom = torch.rand(cols, generator=gen).to(device) + 0.5
-    triton_kernels.phase2_rows_(p, m, denom, rows=rows, H=cols, step_size=1e-2, decay=0.999)
-    torch.testing.assert_close(p, p_ref.mul(0.999).addcdiv(m_ref, denom, value=-1e-2))
+    A subprocess, because TRITON_INTERPRET must be set before Triton is first imported, and
+    this process has imported it already (DeepSpeed does) for real GPUs.
+    """
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: tests/test_triton.py runs on it directly")
+    if not triton_kernels.available():
+        pytest.skip("Triton is not installed (pip install triton)")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_triton.py"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    summary = done.stdout.strip().splitlines()[-1]
+    assert "passed" in summary and "skipped" not in summary, summary
 
 
 # --------------------------------------------------------------------------- memory
