@@ -18,6 +18,14 @@ need_value() {
     [[ "$2" -ge 2 ]] || die "$1 needs a value (see --help)"
 }
 
+# default_tool VAR NAME FALLBACK: unless VAR is set, VAR = the repo's .venv/bin/NAME if it is
+# there, else FALLBACK (found on PATH).
+default_tool() {
+    if [[ -z "${!1:-}" ]]; then
+        if [[ -x "$REPO_DIR/.venv/bin/$2" ]]; then printf -v "$1" %s "$REPO_DIR/.venv/bin/$2"; else printf -v "$1" %s "$3"; fi
+    fi
+}
+
 # check_int NAME VALUE: VALUE is a non-negative integer.
 check_int() {
     [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"
@@ -135,3 +143,6 @@ require_slurm() {
         [[ -n "${!var:-}" ]] || die "$var is not set: submit this script with sbatch (or, to preview, set SLURM_JOB_ID, SLURM_JOB_NODELIST and SLURM_NNODES and pass --dry-run)."
     done
 }
+
+# Every script runs its input checks with this Python (--python overrides it while parsing).
+default_tool PYTHON python python3

@@ -13,12 +13,7 @@ RDZV_ENDPOINT=${RDZV_ENDPOINT:-}
 RDZV_ID=${RDZV_ID:-coupled-ds}
 FROM_SLURM_ENV=${FROM_SLURM_ENV:-0}
 DRY_RUN=${DRY_RUN:-0}
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$REPO_DIR/.venv/bin/python" ]]; then PYTHON=$REPO_DIR/.venv/bin/python; else PYTHON=python3; fi
-fi
-if [[ -z "${TORCHRUN:-}" ]]; then
-    if [[ -x "$REPO_DIR/.venv/bin/torchrun" ]]; then TORCHRUN=$REPO_DIR/.venv/bin/torchrun; else TORCHRUN=torchrun; fi
-fi
+default_tool TORCHRUN torchrun torchrun
 SHIFT_BY=0
 
 # parse_torchrun_option "$@": consume one launcher option; sets SHIFT_BY; false if not ours.

@@ -45,17 +45,12 @@ MASTER_PORT=${MASTER_PORT:-29500}
 NO_SSH=${NO_SSH:-0}
 NODE_RANK=${NODE_RANK:-}
 SCRIPT=${SCRIPT:-$REPO_DIR/examples/train_ds.py}
-if [[ -z "${DEEPSPEED:-}" ]]; then
-    if [[ -x "$REPO_DIR/.venv/bin/deepspeed" ]]; then DEEPSPEED=$REPO_DIR/.venv/bin/deepspeed; else DEEPSPEED=deepspeed; fi
-fi
 DRY_RUN=${DRY_RUN:-0}
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$REPO_DIR/.venv/bin/python" ]]; then PYTHON=$REPO_DIR/.venv/bin/python; else PYTHON=python3; fi
-fi
 DATA=()
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=_common.sh
 source "$REPO_DIR/launch/_common.sh"
+default_tool DEEPSPEED deepspeed deepspeed
 
 while [[ $# -gt 0 ]]; do
     case $1 in
