@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -39,8 +40,15 @@ OPTIMIZERS = ("AdamW", "CoupledAdam")
 COLUMNS = (("val_loss", "val loss", "{:.3f}"), ("iso", "Iso", "{:.3f}"),
            ("mu_norm", "||mu||", "{:.4f}"), ("mu_norm_rel", "||mu||^r", "{:.4f}"),
            ("kappa", "kappa", "{:.3f}"), ("rho", "rho", "{:+.3f}"))
-# Launcher output worth showing live: progress bars, our own summary lines, errors.
+# Launcher output worth showing live: progress bars, our own summary lines, errors. Everything
+# (DeepSpeed's INFO lines, the launcher's full command) goes to OUT/<optimizer>/launch.log.
 _SHOW = re.compile(r"\d+%\||\[train_ds\]|\[deepspeed\.sh\]|Traceback|Error|error:")
+# A tqdm bar ("CoupledAdam:  37%|███▋      | 11/30 [00:03<00:05, ..., loss=6.091]"): other
+# ranks write to the same pipe, so a bar segment can carry their text after it.
+_BAR = re.compile(r"^ *\w+: +\d+%\|[^\]]*\]")
+# Said already: deepspeed.sh's line naming what it starts (the demo's header line says it), and
+# train_ds's metrics (the table shows them).
+_HIDE = re.compile(r"^\[deepspeed\.sh\] starting |^\[train_ds\] done: ")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warmup + cosine)")
     p.add_argument("--seed", type=int, default=1234, help="model init and batch order")
+    p.add_argument("--eval-interval", type=int, default=50,
+                   help="validation loss on the progress bar every N steps (0: only at the end)")
     p.add_argument("--config", default=str(REPO / "launch" / "configs" / "zero2_cpu_coupled.json"),
                    help="DeepSpeed config (the baseline overrides only the optimizer type)")
     p.add_argument("--min-ratio", type=float, default=10.0,
@@ -80,7 +90,18 @@ def _train_args(args: argparse.Namespace, data_dir: Path) -> list[str]:
             "--seq-len", str(args.seq_len), "--n-layer", str(args.n_layer),
             "--n-head", str(args.n_head), "--d-model", str(args.d_model),
             "--micro-batch", str(args.micro_batch), "--lr", str(args.lr),
-            "--vocab-size", str(args.vocab_size), "--max-tokens", str(args.max_tokens)]
+            "--vocab-size", str(args.vocab_size), "--max-tokens", str(args.max_tokens),
+            "--eval-interval", str(args.eval_interval)]
+
+
+def _visible(text: str) -> str | None:
+    """What the terminal shows of one output line (or bar refresh): None for nothing."""
+    if bar := _BAR.match(text):
+        rest = text[bar.end():]  # another rank's output that landed behind the bar
+        return bar.group() + ("\n" + rest if _SHOW.search(rest) else "")
+    if _SHOW.search(text) and not _HIDE.match(text):
+        return text
+    return None
 
 
 def _stream(proc: subprocess.Popen, log) -> None:
@@ -92,11 +113,19 @@ def _stream(proc: subprocess.Popen, log) -> None:
         pending += chunk
         *pieces, pending = re.split(rb"(\r|\n)", pending)
         for i in range(0, len(pieces) - 1, 2):
-            text, end = pieces[i].decode(errors="replace"), pieces[i + 1].decode()
-            if _SHOW.search(text):
-                sys.stderr.write(text + end)
+            shown = _visible(pieces[i].decode(errors="replace"))
+            if shown is not None:
+                sys.stderr.write(shown + pieces[i + 1].decode())
                 sys.stderr.flush()
     log.flush()
+
+
+def _short(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter to read)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def run_one(args: argparse.Namespace, optimizer: str, data_dir: Path, out: Path) -> dict:
@@ -117,17 +146,22 @@ def run_one(args: argparse.Namespace, optimizer: str, data_dir: Path, out: Path)
            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.ranks))}
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
-    print(f"\n== {optimizer}: {' '.join(cmd[1:])}", flush=True)
+    log_path = run_dir / "launch.log"
+    print(f"\n== {optimizer}: launch/deepspeed.sh, {args.ranks} CPU ranks, {args.steps} steps "
+          f"(command and output: {_short(log_path)})", flush=True)
     (run_dir / "metrics.json").unlink(missing_ok=True)
-    with open(run_dir / "launch.log", "ab") as log:
+    with open(log_path, "ab") as log:
+        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} examples/demo.py runs:\n"
+                  f"{shlex.join(cmd)}\n".encode())
+        log.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
         _stream(proc, log)
         rc = proc.wait()
     metrics_path = run_dir / "metrics.json"
     if rc != 0 or not metrics_path.exists():
-        tail = (run_dir / "launch.log").read_text(errors="replace").splitlines()[-40:]
-        sys.exit(f"{optimizer} run failed (exit code {rc}); last lines of {run_dir}/launch.log:\n"
+        tail = log_path.read_text(errors="replace").splitlines()[-40:]
+        sys.exit(f"{optimizer} run failed (exit code {rc}); last lines of {log_path}:\n"
                  + "\n".join(tail))
     return json.loads(metrics_path.read_text())
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,11 @@ def _param_groups(model: torch.nn.Module, cfg: dict[str, Any]) -> Any:
     return [{k: v for k, v in g.items() if k in ("params", "weight_decay")} for g in groups]
 
 
+def _postfix(loss: float | None, val: float | None) -> dict[str, str]:
+    """Progress-bar fields: the last training and validation losses, each once measured."""
+    return {k: f"{v:.3f}" for k, v in (("loss", loss), ("val", val)) if v is not None}
+
+
 def _full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     """fp32 CPU copies of every parameter, gathered first under ZeRO-3 (all ranks call this)."""
     import deepspeed
@@ -211,6 +216,33 @@ def _skip_cpu_shm_op() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
+class _DropMessage(logging.Filter):
+    """Drop log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def _quiet_known_engine_warnings(ds_logger: logging.Logger) -> None:
+    """Silence two warnings that DeepSpeed 0.19 raises on every healthy run (nothing else).
+
+    * ZeRO 1/2 gather the updated partitions in ``engine.step()`` through
+      ``torch.distributed.all_gather_into_tensor``, which torch 2.13 deprecates (FutureWarning,
+      once per rank, from DeepSpeed's ``deepspeed/comm/torch.py``; our own code calls
+      ``all_gather`` / ``all_reduce`` only). The filter matches that message alone, so any
+      other deprecation still shows.
+    * ``WarmupCosineLR.__init__`` asks its own ``get_lr()`` before step 0 and logs "Attempting to
+      get learning rate from scheduler before it has started" on every fresh run.
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
+    ds_logger.addFilter(_DropMessage("Attempting to get learning rate from scheduler before"))
+
+
 def _maybe_fail(args: argparse.Namespace, step: int, rank: int, world: int) -> None:
     """Test-only fault injection: SIGKILL this process once, when it reaches ``--fail-at-step``."""
     fail_rank = args.fail_rank % world
@@ -231,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
+    _quiet_known_engine_warnings(ds_logger)
     if cfg["optimizer"]["type"] == "CoupledAdam":
         import coupled_ds.deepspeed  # noqa: F401  registers "CoupledAdam" with DeepSpeed
 
@@ -268,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
 
         bar = tqdm(total=args.steps, initial=start, desc=f"{cfg['optimizer']['type']:>11}",
                    dynamic_ncols=True, mininterval=1.0)
-    t0, loss_value, val = time.time(), math.nan, math.nan
+    # The last training and validation losses; None until measured (a relaunch that resumes at
+    # the last step trains nothing), and the bar shows only what has been measured.
+    t0, loss_value, val = time.time(), None, None
     for step in range(start, args.steps):
         if args.fail_at_step is not None:
             _maybe_fail(args, step, rank, world)
@@ -286,16 +321,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.save_interval and done % args.save_interval == 0 and done < args.steps:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{done}", client_state={"step": done})
         if bar is not None:
-            bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val:.3f}", refresh=False)
+            bar.set_postfix(_postfix(loss_value, val), refresh=False)
             bar.update(1)
-    if bar is not None:
-        bar.close()
     train_s = time.time() - t0
 
     if start < args.steps or not (ckpt_dir / "latest").exists():
         engine.save_checkpoint(str(ckpt_dir), tag=f"step{args.steps}",
                                client_state={"step": args.steps})
     val = validation_loss(engine, corpus.val_N, T=T, n_seqs=args.eval_seqs, rank=rank, world=world)
+    if bar is not None:  # the bar's last line carries the final validation loss
+        bar.set_postfix(_postfix(loss_value, val), refresh=False)
+        bar.close()
     state = _full_state_dict(engine)
     if rank == 0:
         torch.save(state, save_dir / "final_model.pt")

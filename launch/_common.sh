@@ -111,13 +111,21 @@ show_cmd() {
     printf '%s\n' "${out% }"
 }
 
-# run_cmd ARGS...: under DRY_RUN=1 print the command; otherwise print it to stderr and run it.
+# run_cmd ARGS...: under DRY_RUN=1 print the command; otherwise run it, after saying so on
+# stderr: with RUN_LOG set, the command goes to that file (appended, with the time) and stderr
+# gets one short line, "starting RUN_WHAT"; without it, stderr gets the whole command.
 run_cmd() {
     if [[ "${DRY_RUN:-0}" == 1 ]]; then
         show_cmd "$@"
         return 0
     fi
-    info "running: $(show_cmd "$@")"
+    if [[ -n "${RUN_LOG:-}" ]]; then
+        mkdir -p "$(dirname "$RUN_LOG")"
+        printf '# %s %s runs:\n%s\n' "$(date '+%F %T')" "${SCRIPT_NAME:-launch}" "$(show_cmd "$@")" >>"$RUN_LOG"
+        info "starting ${RUN_WHAT:-${1##*/}} (command in $RUN_LOG)"
+    else
+        info "running: $(show_cmd "$@")"
+    fi
     "$@"
 }
 

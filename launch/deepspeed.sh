@@ -27,9 +27,11 @@
 #   --python EXE         Python used for the checks                [.venv/bin/python or python3]
 #   (variable DEEPSPEED: the launcher executable             [.venv/bin/deepspeed or deepspeed])
 #   --dry-run            print the exact command and exit
+#   (variable RUN_LOG: each launch's exact command is appended here  [SAVE_DIR/launch.log])
 #   -h, --help           this text
 # Arguments after "--" go to the training script unchanged (e.g. -- --steps 1000 --lr 3e-4).
-# Input checks (hostfile lines, JSON config, data paths) run before any process starts.
+# Input checks (hostfile lines, JSON config, data paths) run before any process starts. A run
+# prints one line saying what starts; the exact command goes to RUN_LOG (--dry-run prints it).
 set -euo pipefail
 
 SCRIPT_NAME=deepspeed.sh
@@ -118,4 +120,7 @@ cmd+=("$SCRIPT" --config "$CONFIG" --save-dir "$SAVE_DIR")
 [[ ${#DATA[@]} -eq 0 ]] || cmd+=(--data "${DATA[@]}")
 cmd+=("$@")
 
+RUN_LOG=${RUN_LOG:-$SAVE_DIR/launch.log}
+RUN_WHAT="${SCRIPT##*/} with the DeepSpeed launcher${NUM_GPUS:+, $NUM_GPUS ranks per node}"
+RUN_WHAT+="${HOSTFILE:+, hosts from ${HOSTFILE##*/}}, config ${CONFIG##*/}"
 run_cmd "${cmd[@]}"

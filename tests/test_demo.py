@@ -55,12 +55,29 @@ def test_no_text_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "AdamW").exists()
 
 
+def _assert_quiet(proc: subprocess.CompletedProcess, out: Path) -> None:
+    """What a newcomer reads: one short line per run, bars without nan, no warnings; the full
+    launch commands and every rank's output are in OUT/<optimizer>/launch.log."""
+    shown = proc.stdout + proc.stderr
+    for name in ("AdamW", "CoupledAdam"):
+        [header] = [line for line in shown.splitlines() if line.startswith(f"== {name}:")]
+        assert "--" not in header, header  # no command line
+        log = (out / name / "launch.log").read_text()
+        assert "demo.py runs:\n" in log and "deepspeed.sh runs:\n" in log, log[:2000]
+        for noise in ("FutureWarning", "Attempting to get learning rate"):
+            assert noise not in log, noise  # from DeepSpeed under our engine.step(), filtered
+    assert "val=" in shown and "=nan" not in shown, shown[-3000:]
+    assert "Warning" not in shown and "WARNING" not in shown, shown[-3000:]
+    assert "train_ds.py --config" not in shown and "[train_ds] done" not in shown, shown[-3000:]
+
+
 @pytest.mark.slow
 def test_demo_smoke(tmp_path: Path) -> None:
     """Both optimizers through launch/deepspeed.sh on 2 CPU ranks; the table and files appear."""
     out = tmp_path / "demo"
-    proc = _demo("--out", str(out), "--min-ratio", "0", *TINY)
+    proc = _demo("--out", str(out), "--min-ratio", "0", "--eval-interval", "3", *TINY)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _assert_quiet(proc, out)
     results = json.loads((out / "results.json").read_text())["results"]
     assert list(results) == ["AdamW", "CoupledAdam"]
     for name, m in results.items():

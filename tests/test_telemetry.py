@@ -65,8 +65,9 @@ def _config(stage: int, root: str) -> dict:
     return {
         "train_batch_size": BATCH, "train_micro_batch_size_per_gpu": BATCH // 2,
         "gradient_clipping": 0.0, "steps_per_print": 10**9,
+        # torch_adam: torch's AdamW; without it DeepSpeed JIT-compiles its FusedAdam C++ op.
         "optimizer": {"type": "AdamW", "params": {"lr": 3e-2, "betas": [0.9, 0.95],
-                                                  "weight_decay": 0.0}},
+                                                  "weight_decay": 0.0, "torch_adam": True}},
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
         "csv_monitor": {"enabled": True, "output_path": os.path.join(root, "csv"),
                         "job_name": f"zero{stage}"},
