@@ -127,17 +127,29 @@ def geometry(tensor: torch.Tensor, key: str) -> ShardGeometry:
 
 
 def local_grad(param: torch.Tensor, name: str) -> torch.Tensor:
-    """The local gradient of a coupled parameter; for a DTensor, checked to be laid out like it
-    (a ``Partial`` gradient, or one sharded differently, would make the column sums wrong)."""
+    """The local gradient shard of a coupled parameter, laid out like the parameter's shard.
+
+    A DTensor gradient may come back ``Replicate`` where the parameter is ``Shard(0)`` (tensor
+    parallelism alone: ``nn.Embedding`` under ``RowwiseParallel``); its rows are then taken
+    locally, as torch's own optimizers do, without communication. ``Partial`` gradients (not yet
+    reduced) and gradients sharded differently from the parameter are refused.
+    """
     grad = param.grad
     if not is_dtensor(param):
         return grad
-    if not is_dtensor(grad) or tuple(grad.placements) != tuple(param.placements):
+    if not is_dtensor(grad) or grad.device_mesh != param.device_mesh:
         got = _describe(grad) if is_dtensor(grad) else f"a plain {type(grad).__name__}"
-        if is_dtensor(grad):
-            _row_split_dims(grad, name, "gradient")  # names Partial / column splits precisely
         raise ValueError(
-            f"Coupled parameter {name}: its gradient has {got}, the parameter {_describe(param)}. "
-            "CoupledAdam steps the gradient shard that matches the parameter shard; "
-            "redistribute the gradient to the parameter's placements before optimizer.step().")
-    return local(grad)
+            f"Coupled parameter {name}: the parameter is a DTensor with {_describe(param)}, its "
+            f"gradient has {got}. Give it a gradient on the parameter's mesh.")
+    if tuple(grad.placements) == tuple(param.placements):
+        return local(grad)
+    _row_split_dims(grad, name, "gradient")  # names Partial / column splits precisely
+    for g_place, p_place in zip(grad.placements, param.placements):
+        if g_place != p_place and not g_place.is_replicate():
+            raise ValueError(
+                f"Coupled parameter {name}: its gradient has {_describe(grad)}, the parameter "
+                f"{_describe(param)}. Redistribute the gradient to the parameter's placements "
+                "before optimizer.step().")
+    # Only Replicate where the parameter is sharded: a local slice, no collective.
+    return local(grad.redistribute(param.device_mesh, param.placements))

@@ -1,0 +1,343 @@
+"""CoupledAdam on PyTorch FSDP2 (``fully_shard``) and DTensor tensor parallelism, with DCP.
+
+Real torch FSDP2 / DTensor on gloo CPU ranks. A tiny LM (V=37 rows: uneven on 2, 3 and 4 ranks)
+trains 12 steps sharded and must equal single-process CoupledAdam on the full matrices; the
+uncoupled parameters must equal torch AdamW stepping the same DTensors; a run whose column sums
+are not reduced must fail the comparison. One spawn per world size runs every case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coupled_ds import CoupledAdam, coupled_param_groups
+from tests.dist import run_on_ranks
+from tests.reference import max_relative_error
+
+pytestmark = pytest.mark.slow
+
+V, H, T, B = 37, 6, 5, 12  # B: global batch, split evenly over 1, 2, 3 or 4 data ranks
+STEPS, SAVE_AT = 12, 5
+HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+
+
+class TinyLM(nn.Module):
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, H)
+        self.mix = nn.Linear(H, H)
+        self.norm = nn.LayerNorm(H)
+        self.head = nn.Linear(H, V, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, idx_BT: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(torch.tanh(self.mix(self.emb(idx_BT)))))
+
+
+def _model(tied: bool, seed: int = 0) -> TinyLM:
+    torch.manual_seed(seed)
+    return TinyLM(tied)
+
+
+def _loss(model: nn.Module, step: int, part: int = 0, parts: int = 1) -> torch.Tensor:
+    """Cross entropy on data rank ``part``'s share of step ``step``'s global batch (skewed
+    token frequencies, so rows get gradients of different sizes)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    tokens = (torch.rand(B, T + 1, generator=gen) ** 3 * V).long().chunk(parts)[part]
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1))
+
+
+def _groups(model: nn.Module, vocab_size: int | None) -> list[dict]:
+    return coupled_param_groups(model, weight_decay=0.1, vocab_size=vocab_size)
+
+
+def _reference(tied: bool, vocab_size: int | None, compact: bool = False) -> dict[str, torch.Tensor]:
+    """Single-process CoupledAdam on the whole model, global batch."""
+    model = _model(tied)
+    opt = CoupledAdam(_groups(model, vocab_size), **HP, compact_coupled_state=compact)
+    for step in range(STEPS):
+        _loss(model, step).backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ------------------------------------------------------------------ ranks
+def _parallelize(model: nn.Module, layout: str, world: int) -> tuple[int, int]:
+    """Shard ``model`` as torchtitan would; return (data rank, data ranks)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+
+    def vocab_parallel(tp_mesh):
+        # Token ids come in whole on every rank (RowwiseParallel's default is Shard(-1)).
+        parallelize_module(model, tp_mesh, {"emb": RowwiseParallel(input_layouts=Replicate()),
+                                            "head": ColwiseParallel(output_layouts=Replicate())})
+
+    if layout == "fsdp":  # 1-D mesh, rows 19/18 (2 ranks), 13/13/11 (3 ranks)
+        mesh = init_device_mesh("cpu", (world,))
+        fully_shard(model, mesh=mesh)
+        return mesh.get_local_rank(), world
+    if layout == "tp":  # tensor parallel alone: every rank sees the same batch
+        vocab_parallel(init_device_mesh("cpu", (world,), mesh_dim_names=("tp",)))
+        return 0, 1
+    if layout == "fsdp_tp":  # rows split by TP (19/18), then each block by FSDP (10/9, 9/9)
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        vocab_parallel(mesh["tp"])
+        fully_shard(model, mesh=mesh["dp"])
+        return mesh.get_local_rank("dp"), 2
+    if layout == "hsdp":  # (Replicate, Shard(0)): the replicate dim must not be reduced
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        fully_shard(model, mesh=mesh)
+        return torch.distributed.get_rank(), world
+    raise AssertionError(layout)
+
+
+def _train(rank, world, *, layout, tied, vocab_size=None, reduce=True, compact=False,
+           steps=range(STEPS), model=None, opt=None, shadow=True):
+    """Sharded training; returns (full parameters on rank 0, uncoupled == torch AdamW, model, opt,
+    number of groups each coupled matrix is reduced over)."""
+    if model is None:
+        model = _model(tied)
+        data_rank, data_ranks = _parallelize(model, layout, world)
+        opt = CoupledAdam(_groups(model, vocab_size), **HP, compact_coupled_state=compact)
+    else:
+        data_rank, data_ranks = model._data
+    model._data = data_rank, data_ranks
+    coupled = [p for g in opt.param_groups if g["coupled"] for p in g["params"]]
+    groups_per_matrix = [len(opt.geometry_of(p).groups) for p in coupled]
+    if not reduce:  # negative control: each rank averages only its own rows
+        for p in coupled:
+            opt.set_geometry(p, dataclasses.replace(opt.geometry_of(p), groups=()))
+    # torch AdamW on copies of the uncoupled DTensors, fed the same gradients.
+    plain = [g for g in opt.param_groups if not g["coupled"]]
+    twins = [[nn.Parameter(p.detach().clone()) for p in g["params"]] for g in plain]
+    adamw = torch.optim.AdamW([{"params": t, "weight_decay": g["weight_decay"]}
+                               for t, g in zip(twins, plain)], **HP) if shadow else None
+    for step in steps:
+        _loss(model, step, data_rank, data_ranks).backward()
+        for g, t in zip(plain, twins):
+            for p, twin in zip(g["params"], t):
+                twin.grad = p.grad.detach().clone()
+        opt.step()
+        opt.zero_grad()
+        if adamw is not None:
+            adamw.step()
+    same = all(torch.equal(p.to_local() if hasattr(p, "to_local") else p,
+                           twin.to_local() if hasattr(twin, "to_local") else twin)
+               for g, t in zip(plain, twins) for p, twin in zip(g["params"], t)) if shadow else None
+    full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters()}
+    return (full if rank == 0 else None), same, model, opt, groups_per_matrix
+
+
+def _run(rank, world, **case):
+    full, same, _, _, groups = _train(rank, world, **case)
+    return full, same, groups
+
+
+def _dcp_state(model, opt):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_sd, optim_sd = get_state_dict(model, opt)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _dcp_save(rank, world, path, **case):
+    import torch.distributed.checkpoint as dcp
+    _, _, model, opt, _ = _train(rank, world, steps=range(SAVE_AT), shadow=False, **case)
+    dcp.save(_dcp_state(model, opt), checkpoint_id=path)
+
+
+def _dcp_resume(rank, world, path, **case):
+    """A fresh model (another seed) loads the checkpoint and trains the remaining steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    model = _model(case["tied"], seed=123)
+    model._data = _parallelize(model, case["layout"], world)
+    opt = CoupledAdam(_groups(model, case.get("vocab_size")), **HP,
+                      compact_coupled_state=case.get("compact", False))
+    state = _dcp_state(model, opt)
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    full, _, _, _, _ = _train(rank, world, steps=range(SAVE_AT, STEPS), model=model, opt=opt,
+                              shadow=False, **case)
+    return full
+
+
+def _refusals(rank, world):
+    """Placements that cannot be coupled raise before any native code, naming the parameter."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    cols = nn.Parameter(distribute_tensor(torch.randn(V, H), mesh, [Shard(1)]))
+    try:
+        CoupledAdam([{"params": [cols], "coupled": True, "coupled_names": ["wte.weight"]}])
+    except ValueError as e:
+        out["shard1"] = str(e)
+    rows = nn.Parameter(distribute_tensor(torch.randn(V, H), mesh, [Shard(0)]))
+    opt = CoupledAdam([{"params": [rows], "coupled": True, "coupled_names": ["wte.weight"]}])
+    rows.grad = DTensor.from_local(torch.ones(rows.to_local().shape), mesh, [Partial()],
+                                   shape=rows.shape, stride=rows.stride())
+    try:
+        opt.step()
+    except ValueError as e:
+        out["partial"] = str(e)
+    return out
+
+
+def _kernels_refuse_dtensors(rank, world):
+    """V=36 on 3 ranks: handing DTensors straight to the fast kernels segfaulted in the C code
+    before the guard (it read a global [36, 6] matrix from a 12-row shard)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from coupled_ds import full_matrix_geometry, kernels
+    mesh = init_device_mesh("cpu", (world,))
+    m, v, g = (distribute_tensor(torch.rand(36, H), mesh, [Shard(0)]) for _ in range(3))
+    geometry = full_matrix_geometry(m, key="E")
+    out = []
+    for call in (lambda: kernels.moments_and_column_sums_(
+                     torch.zeros(H), m, v, g, geometry, beta1=0.9, beta2=0.95, maximize=False,
+                     rows_limit=36),
+                 lambda: kernels.apply_coupled_update_(m, v, torch.ones(H), geometry,
+                                                       step_size=0.1, decay=1.0)):
+        try:
+            call()
+            out.append(None)
+        except TypeError as e:
+            out.append(str(e))
+    return out
+
+
+FSDP_CASES = {f"{layout}-{'tied' if tied else 'untied'}-{vocab}": dict(
+    layout=layout, tied=tied, vocab_size=vocab) for layout in ("fsdp",)
+    for tied, vocab in ((True, None), (False, 33))}
+
+
+def _two_ranks(rank, world, path):
+    out = {name: _run(rank, world, **case) for name, case in FSDP_CASES.items()}
+    out["tp-untied"] = _run(rank, world, layout="tp", tied=False)
+    out["no-reduce"] = _run(rank, world, layout="fsdp", tied=True, reduce=False, shadow=False)
+    out["tp-no-reduce"] = _run(rank, world, layout="tp", tied=False, reduce=False, shadow=False)
+    out["refusals"] = _refusals(rank, world)
+    _dcp_save(rank, world, os.path.join(path, "full"), layout="fsdp", tied=True)
+    _dcp_save(rank, world, os.path.join(path, "compact"), layout="fsdp", tied=True, compact=True)
+    return out
+
+
+def _three_ranks(rank, world, path):
+    out = {name: _run(rank, world, **case) for name, case in FSDP_CASES.items()}
+    out["no-reduce"] = _run(rank, world, layout="fsdp", tied=True, reduce=False, shadow=False)
+    out["kernels"] = _kernels_refuse_dtensors(rank, world)
+    out["resume-full"] = _dcp_resume(rank, world, os.path.join(path, "full"),
+                                     layout="fsdp", tied=True)
+    out["resume-compact"] = _dcp_resume(rank, world, os.path.join(path, "compact"),
+                                        layout="fsdp", tied=True, compact=True)
+    # Exact resume at the same world size: save at 3, load at 3, continue == uninterrupted.
+    _dcp_save(rank, world, os.path.join(path, "same"), layout="fsdp", tied=False)
+    out["resume-same"] = _dcp_resume(rank, world, os.path.join(path, "same"),
+                                     layout="fsdp", tied=False)
+    out["uninterrupted"] = _run(rank, world, layout="fsdp", tied=False, shadow=False)
+    return out
+
+
+def _four_ranks(rank, world):
+    return {"fsdp_tp-untied": _run(rank, world, layout="fsdp_tp", tied=False, vocab_size=33),
+            "hsdp-tied": _run(rank, world, layout="hsdp", tied=True),
+            "fsdp_tp-no-reduce": _run(rank, world, layout="fsdp_tp", tied=False, reduce=False,
+                                      shadow=False)}
+
+
+# ------------------------------------------------------------------ tests
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("dcp"))
+    return {2: run_on_ranks(2, _two_ranks, path), 3: run_on_ranks(3, _three_ranks, path),
+            4: run_on_ranks(4, _four_ranks)}
+
+
+def _check_equal_to_reference(result, *, tied, vocab_size=None, groups_expected, compact=False):
+    full, same, groups = result
+    want = _reference(tied, vocab_size, compact)
+    assert groups == groups_expected
+    for name, p in want.items():
+        err = max_relative_error(full[name], p)
+        assert err <= 1e-6, f"{name}: {err:.2e}"
+    assert same is None or same, "uncoupled parameters differ from torch AdamW on the same DTensors"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", sorted(FSDP_CASES))
+def test_fsdp2_matches_single_process(runs, world, name):
+    case = FSDP_CASES[name]
+    matrices = 1 if case["tied"] else 2
+    _check_equal_to_reference(runs[world][0][name], tied=case["tied"],
+                              vocab_size=case["vocab_size"], groups_expected=[1] * matrices)
+
+
+def test_tensor_parallel_alone_matches_single_process(runs):
+    _check_equal_to_reference(runs[2][0]["tp-untied"], tied=False, groups_expected=[1, 1])
+
+
+def test_fsdp2_times_tensor_parallel_matches_single_process(runs):
+    """2 x 2 mesh, vocabulary rows split on both dims: reduced over both groups."""
+    _check_equal_to_reference(runs[4][0]["fsdp_tp-untied"], tied=False, vocab_size=33,
+                              groups_expected=[2, 2])
+
+
+def test_hsdp_reduces_only_the_sharded_dim(runs):
+    """(Replicate, Shard(0)): reducing the replicas too would double the column sums."""
+    _check_equal_to_reference(runs[4][0]["hsdp-tied"], tied=True, groups_expected=[1])
+
+
+@pytest.mark.parametrize("world,name,tied", [(2, "no-reduce", True), (3, "no-reduce", True),
+                                             (2, "tp-no-reduce", False),
+                                             (4, "fsdp_tp-no-reduce", False)])
+def test_without_reduction_the_result_differs(runs, world, name, tied):
+    full, _, _ = runs[world][0][name]
+    vocab_size = 33 if name.startswith("fsdp_tp") else None
+    assert max_relative_error(full["emb.weight"], _reference(tied, vocab_size)["emb.weight"]) > 1e-3
+
+
+def test_embedding_detected_on_sharded_models(runs):
+    """coupled_param_groups on FSDP2 / TP models: DTensor shapes are global, tied weights once."""
+    assert sorted(runs[2][0]["fsdp-tied-None"][0]) == sorted(n for n, _ in
+                                                           _model(True).named_parameters())
+    assert runs[2][0]["fsdp-tied-None"][2] == [1]  # one coupled matrix (tied), one group
+    assert runs[2][0]["tp-untied"][2] == [1, 1]  # emb and head
+
+
+def test_uncouplable_placements_are_refused(runs):
+    messages = runs[2][0]["refusals"]
+    assert "wte.weight" in messages["shard1"] and "Shard(dim=1)" in messages["shard1"]
+    assert "wte.weight" in messages["partial"] and "Partial" in messages["partial"]
+
+
+def test_kernels_refuse_dtensors_instead_of_reading_past_the_shard(runs):
+    for rank_result in runs[3]:
+        assert all(msg is not None and "DTensor" in msg for msg in rank_result["kernels"])
+
+
+@pytest.mark.parametrize("mode", ["full", "compact"])
+def test_dcp_save_at_2_load_at_3_continue_equals_uninterrupted(runs, mode):
+    got = runs[3][0][f"resume-{mode}"]
+    want = _reference(True, None, compact=mode == "compact")
+    for name, p in want.items():
+        assert max_relative_error(got[name], p) <= 1e-6, name
+
+
+def test_dcp_resume_at_the_same_world_size_is_exact(runs):
+    got, (want, _, _) = runs[3][0]["resume-same"], runs[3][0]["uninterrupted"]
+    for name, p in want.items():
+        assert torch.equal(got[name], p), name
