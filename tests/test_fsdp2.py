@@ -220,6 +220,26 @@ def _kernels_refuse_dtensors(rank, world):
     return out
 
 
+def _log_freq() -> torch.Tensor:
+    from coupled_ds.metrics import log_frequencies
+    return log_frequencies(torch.arange(V, dtype=torch.float64) % 7)  # some tokens never seen
+
+
+def _metrics(rank, world, layout, tied, vocab_size):
+    """Metrics of a trained DTensor embedding, computed on the shards (never gathered), by
+    ``embedding_metrics`` on the DTensor and by ``EmbeddingTelemetry.for_fsdp``."""
+    from coupled_ds.metrics import embedding_metrics
+    from coupled_ds.telemetry import EmbeddingTelemetry
+    full, _, model, _, _ = _train(rank, world, layout=layout, tied=tied, vocab_size=vocab_size,
+                                  steps=range(3), shadow=False)
+    kwargs = dict(log_freq_V=_log_freq(), vocab_size=vocab_size)
+    direct = embedding_metrics(model.emb.weight, **kwargs).as_dict()
+    telemetry = EmbeddingTelemetry.for_fsdp(model, every=2, **kwargs)
+    assert all(s.geometry.numel < V * H for s in telemetry.sources), "a rank held everything"
+    logged = {n: m.as_dict() for n, m in telemetry.after_step(2).items()}
+    return (full["emb.weight"] if rank == 0 else None), direct, logged
+
+
 FSDP_CASES = {f"{layout}-{'tied' if tied else 'untied'}-{vocab}": dict(
     layout=layout, tied=tied, vocab_size=vocab) for layout in ("fsdp",)
     for tied, vocab in ((True, None), (False, 33))}
@@ -240,6 +260,7 @@ def _three_ranks(rank, world, path):
     out = {name: _run(rank, world, **case) for name, case in FSDP_CASES.items()}
     out["no-reduce"] = _run(rank, world, layout="fsdp", tied=True, reduce=False, shadow=False)
     out["kernels"] = _kernels_refuse_dtensors(rank, world)
+    out["metrics"] = _metrics(rank, world, "fsdp", True, None)
     out["resume-full"] = _dcp_resume(rank, world, os.path.join(path, "full"),
                                      layout="fsdp", tied=True)
     out["resume-compact"] = _dcp_resume(rank, world, os.path.join(path, "compact"),
@@ -255,6 +276,7 @@ def _three_ranks(rank, world, path):
 def _four_ranks(rank, world):
     return {"fsdp_tp-untied": _run(rank, world, layout="fsdp_tp", tied=False, vocab_size=33),
             "hsdp-tied": _run(rank, world, layout="hsdp", tied=True),
+            "metrics": _metrics(rank, world, "fsdp_tp", False, 33),
             "fsdp_tp-no-reduce": _run(rank, world, layout="fsdp_tp", tied=False, reduce=False,
                                       shadow=False)}
 
@@ -341,3 +363,17 @@ def test_dcp_resume_at_the_same_world_size_is_exact(runs):
     got, (want, _, _) = runs[3][0]["resume-same"], runs[3][0]["uninterrupted"]
     for name, p in want.items():
         assert torch.equal(got[name], p), name
+
+
+@pytest.mark.parametrize("world,vocab_size", [(3, None), (4, 33)])
+def test_metrics_and_telemetry_on_dtensor_shards_match_the_whole_matrix(runs, world, vocab_size):
+    from coupled_ds.metrics import embedding_metrics
+    full = runs[world][0]["metrics"][0]
+    want = embedding_metrics(full, log_freq_V=_log_freq(), vocab_size=vocab_size).as_dict()
+    for rank_result in runs[world]:  # every rank gets the numbers
+        _, direct, logged = rank_result["metrics"]
+        expected_names = ["emb.weight"] if world == 3 else ["emb.weight", "head.weight"]
+        assert sorted(logged) == expected_names
+        for got in (direct, logged["emb.weight"]):
+            for key, value in want.items():
+                assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
