@@ -9,7 +9,13 @@ are not reduced must fail the comparison. One spawn per world size runs every ca
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -377,3 +383,57 @@ def test_metrics_and_telemetry_on_dtensor_shards_match_the_whole_matrix(runs, wo
         for got in (direct, logged["emb.weight"]):
             for key, value in want.items():
                 assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+# ------------------------------------------------------------------ the example and its launcher
+REPO = Path(__file__).resolve().parent.parent
+_TINY = ["--steps", "4", "--max-tokens", "20000", "--vocab-size", "203", "--seq-len", "16",
+         "--n-layer", "1", "--n-head", "2", "--d-model", "16", "--micro-batch", "2",
+         "--eval-seqs", "4", "--telemetry-every", "2", "--save-interval", "2"]
+
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PATH=str(Path(sys.executable).parent) + os.pathsep
+               + env.get("PATH", ""))
+    return subprocess.run(["bash", str(REPO / "launch" / "torchrun_fsdp2.sh"),
+                           "--master-port", port, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_launcher_dry_run_and_input_checks(tmp_path):
+    proc = _launch("--nnodes", "2", "--node-rank", "1", "--master-addr", "n0",
+                   "--nproc-per-node", "4", "--tp", "2", "--save-dir", str(tmp_path), "--dry-run",
+                   "--", "--steps", "9")
+    assert proc.returncode == 0, proc.stderr
+    [cmd] = [shlex.split(line) for line in proc.stdout.splitlines()]
+    assert cmd[1:9] == ["--nnodes", "2", "--nproc_per_node", "4", "--node_rank", "1",
+                        "--master_addr", "n0"]
+    assert cmd[11:] == [str(REPO / "examples" / "train_fsdp2.py"), "--save-dir", str(tmp_path),
+                        "--tp", "2", "--optimizer", "CoupledAdam", "--steps", "9"]
+    assert "mesh [dp=4, tp=2] on 8 ranks" in proc.stderr
+    bad = _launch("--nproc-per-node", "3", "--tp", "2", "--save-dir", str(tmp_path), "--dry-run")
+    assert bad.returncode == 2 and "--tp 2 must divide --nproc-per-node 3" in bad.stderr
+
+
+def test_example_trains_on_a_2x2_mesh_and_resumes_on_2_ranks(tmp_path):
+    """FSDP2 x TP on 4 CPU ranks through the launcher, then a relaunch on 2 ranks (TP alone)
+    resumes from the DCP checkpoint and finishes the longer run."""
+    first = _launch("--nproc-per-node", "4", "--tp", "2", "--save-dir", str(tmp_path), "--",
+                    *_TINY)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "coupling wte.weight (203, 16), lm_head.weight (203, 16)" in first.stderr
+    second = _launch("--nproc-per-node", "2", "--tp", "2", "--save-dir", str(tmp_path), "--",
+                     *_TINY[:1], "6", *_TINY[2:])
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming from checkpoint" in second.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["resumed_from"] == 4 and metrics["steps"] == 6 and metrics["dp"] == 1
+    assert all(metrics[k] is not None for k in ("val_loss", "iso", "mu_norm_rel"))
+    logged = [json.loads(line) for line in (tmp_path / "embedding.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["name"] == "wte.weight"] == [2, 4, 6]
+    assert (tmp_path / "final_model.pt").exists()
