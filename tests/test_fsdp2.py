@@ -226,6 +226,25 @@ def _kernels_refuse_dtensors(rank, world):
     return out
 
 
+def _tiny_vocab_data():
+    gen = torch.Generator().manual_seed(5)
+    return torch.randn(4, H, generator=gen), [torch.randn(4, H, generator=gen) for _ in range(4)]
+
+
+def _tiny_vocab(rank, world):
+    """V=4 on 3 ranks: torch.chunk gives 2/2/0 rows; the empty rank still joins the reduction."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world,))
+    init, grads = _tiny_vocab_data()
+    p = nn.Parameter(distribute_tensor(init, mesh, [Shard(0)]))
+    opt = CoupledAdam([{"params": [p], "coupled": True, "coupled_names": ["E"]}], **HP)
+    for g in grads:
+        p.grad = distribute_tensor(g, mesh, [Shard(0)])
+        opt.step()
+    return tuple(p.to_local().shape), p.full_tensor()
+
+
 def _log_freq() -> torch.Tensor:
     from coupled_ds.metrics import log_frequencies
     return log_frequencies(torch.arange(V, dtype=torch.float64) % 7)  # some tokens never seen
@@ -267,6 +286,7 @@ def _three_ranks(rank, world, path):
     out["no-reduce"] = _run(rank, world, layout="fsdp", tied=True, reduce=False, shadow=False)
     out["kernels"] = _kernels_refuse_dtensors(rank, world)
     out["metrics"] = _metrics(rank, world, "fsdp", True, None)
+    out["tiny-vocab"] = _tiny_vocab(rank, world)
     out["resume-full"] = _dcp_resume(rank, world, os.path.join(path, "full"),
                                      layout="fsdp", tied=True)
     out["resume-compact"] = _dcp_resume(rank, world, os.path.join(path, "compact"),
@@ -437,3 +457,14 @@ def test_example_trains_on_a_2x2_mesh_and_resumes_on_2_ranks(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "embedding.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if r["name"] == "wte.weight"] == [2, 4, 6]
     assert (tmp_path / "final_model.pt").exists()
+
+
+def test_a_rank_with_no_rows_still_takes_part(runs):
+    init, grads = _tiny_vocab_data()
+    p = nn.Parameter(init.clone())
+    opt = CoupledAdam([{"params": [p], "coupled": True}], **HP)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    assert [r["tiny-vocab"][0] for r in runs[3]] == [(2, H), (2, H), (0, H)]
+    assert max_relative_error(runs[3][0]["tiny-vocab"][1], p.detach()) <= 1e-6
