@@ -7,9 +7,8 @@
     # many nodes: launch/torchrun_fsdp2.sh (one command per node, resumes on relaunch)
 
 The mesh is [dp, tp] with dp = world / tp. ``parallelize`` applies, in torchtitan's order:
-1. tensor parallelism on the vocabulary matrices (``RowwiseParallel`` on ``wte``,
-   ``ColwiseParallel`` on ``lm_head``: both [V, H] weights split by rows over "tp"); with
-   ``--tp`` > 1 the output layer is untied from the embedding (as torchtitan's Llama is);
+1. tensor parallelism on the tied vocabulary matrix (``RowwiseParallel`` on ``wte``,
+   ``ColwiseParallel`` on ``lm_head``: the [V, H] weight split by rows over "tp");
 2. FSDP2 (``fully_shard``) on every block, then on the root, over "dp".
 Then ``CoupledAdam(coupled_param_groups(model))`` — no other call: the optimizer reads each
 DTensor's mesh and placements and reduces the [H] column sums over the mesh dimensions that split
@@ -102,12 +101,12 @@ def parallelize(model: GPT, mesh: DeviceMesh) -> GPT:
     """Tensor parallelism on the vocabulary matrices, then FSDP2, in place (torchtitan order)."""
     tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
     if tp_mesh.size() > 1:
-        # A weight shared by two TP plans would be distributed twice: untie it first.
-        model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone())
         parallelize_module(model, tp_mesh, {
             "wte": RowwiseParallel(input_layouts=Replicate()),      # token ids arrive whole
             "lm_head": ColwiseParallel(output_layouts=Replicate()),  # full logits for the loss
         })
+        # Each plan registered its own Parameter of the shared weight: tie them again.
+        model.lm_head.weight = model.wte.weight
     if dp_mesh.size() > 1:
         for block in model.blocks:
             fully_shard(block, mesh=dp_mesh)

@@ -86,9 +86,12 @@ def _parallelize(model: nn.Module, layout: str, world: int) -> tuple[int, int]:
                                                    parallelize_module)
 
     def vocab_parallel(tp_mesh):
+        tied = model.head.weight is model.emb.weight
         # Token ids come in whole on every rank (RowwiseParallel's default is Shard(-1)).
         parallelize_module(model, tp_mesh, {"emb": RowwiseParallel(input_layouts=Replicate()),
                                             "head": ColwiseParallel(output_layouts=Replicate())})
+        if tied:  # each plan made its own Parameter of the shared weight: tie them again
+            model.head.weight = model.emb.weight
 
     if layout == "fsdp":  # 1-D mesh, rows 19/18 (2 ranks), 13/13/11 (3 ranks)
         mesh = init_device_mesh("cpu", (world,))
@@ -273,6 +276,7 @@ FSDP_CASES = {f"{layout}-{'tied' if tied else 'untied'}-{vocab}": dict(
 def _two_ranks(rank, world, path):
     out = {name: _run(rank, world, **case) for name, case in FSDP_CASES.items()}
     out["tp-untied"] = _run(rank, world, layout="tp", tied=False)
+    out["tp-tied"] = _run(rank, world, layout="tp", tied=True)
     out["no-reduce"] = _run(rank, world, layout="fsdp", tied=True, reduce=False, shadow=False)
     out["tp-no-reduce"] = _run(rank, world, layout="tp", tied=False, reduce=False, shadow=False)
     out["refusals"] = _refusals(rank, world)
@@ -301,6 +305,7 @@ def _three_ranks(rank, world, path):
 
 def _four_ranks(rank, world):
     return {"fsdp_tp-untied": _run(rank, world, layout="fsdp_tp", tied=False, vocab_size=33),
+            "fsdp_tp-tied": _run(rank, world, layout="fsdp_tp", tied=True),
             "hsdp-tied": _run(rank, world, layout="hsdp", tied=True),
             "metrics": _metrics(rank, world, "fsdp_tp", False, 33),
             "fsdp_tp-no-reduce": _run(rank, world, layout="fsdp_tp", tied=False, reduce=False,
@@ -336,12 +341,14 @@ def test_fsdp2_matches_single_process(runs, world, name):
 
 def test_tensor_parallel_alone_matches_single_process(runs):
     _check_equal_to_reference(runs[2][0]["tp-untied"], tied=False, groups_expected=[1, 1])
+    _check_equal_to_reference(runs[2][0]["tp-tied"], tied=True, groups_expected=[1])
 
 
 def test_fsdp2_times_tensor_parallel_matches_single_process(runs):
     """2 x 2 mesh, vocabulary rows split on both dims: reduced over both groups."""
     _check_equal_to_reference(runs[4][0]["fsdp_tp-untied"], tied=False, vocab_size=33,
                               groups_expected=[2, 2])
+    _check_equal_to_reference(runs[4][0]["fsdp_tp-tied"], tied=True, groups_expected=[2])
 
 
 def test_hsdp_reduces_only_the_sharded_dim(runs):
@@ -441,21 +448,21 @@ def test_launcher_dry_run_and_input_checks(tmp_path):
 
 
 def test_example_trains_on_a_2x2_mesh_and_resumes_on_2_ranks(tmp_path):
-    """FSDP2 x TP on 4 CPU ranks through the launcher, then a relaunch on 2 ranks (TP alone)
-    resumes from the DCP checkpoint and finishes the longer run."""
+    """FSDP2 x TP on 4 CPU ranks through the launcher, then a relaunch on 2 ranks (FSDP2 alone)
+    resumes from the DCP checkpoint, resharded, and finishes the longer run."""
     first = _launch("--nproc-per-node", "4", "--tp", "2", "--save-dir", str(tmp_path), "--",
                     *_TINY)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "coupling wte.weight (203, 16), lm_head.weight (203, 16)" in first.stderr
-    second = _launch("--nproc-per-node", "2", "--tp", "2", "--save-dir", str(tmp_path), "--",
+    assert "coupling wte.weight (203, 16);" in first.stderr  # tied: one matrix
+    second = _launch("--nproc-per-node", "2", "--tp", "1", "--save-dir", str(tmp_path), "--",
                      *_TINY[:1], "6", *_TINY[2:])
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming from checkpoint" in second.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["resumed_from"] == 4 and metrics["steps"] == 6 and metrics["dp"] == 1
+    assert metrics["resumed_from"] == 4 and metrics["steps"] == 6 and metrics["dp"] == 2
     assert all(metrics[k] is not None for k in ("val_loss", "iso", "mu_norm_rel"))
     logged = [json.loads(line) for line in (tmp_path / "embedding.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged if r["name"] == "wte.weight"] == [2, 4, 6]
+    assert [r["step"] for r in logged] == [2, 4, 6] and logged[0]["name"] == "wte.weight"
     assert (tmp_path / "final_model.pt").exists()
 
 
