@@ -21,6 +21,8 @@ DTensors. Shapes in names: V vocabulary rows, H hidden columns.
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
 import torch
@@ -28,6 +30,8 @@ import torch
 from coupled_ds.geometry import ShardGeometry
 
 __all__ = ["geometry", "is_dtensor", "local", "local_grad", "wrap_like"]
+
+logger = logging.getLogger(__name__)
 
 
 def _dtensor_module() -> Any | None:
@@ -80,8 +84,8 @@ def _row_split_dims(tensor: torch.Tensor, name: str, what: str) -> list[int]:
                 f"Coupled parameter {name}: its {what} is a DTensor with {_describe(tensor)}; "
                 f"{placement} on mesh dim {mesh_dim} is not reduced yet, so its column sums "
                 "would be wrong. CoupledAdam couples DTensors whose placements are Shard(0) "
-                "(vocabulary rows) or Replicate; reduce the gradient (e.g. let FSDP2 / DDP "
-                "reduce-scatter it) before optimizer.step().")
+                f"(vocabulary rows) or Replicate; reduce the {what} (e.g. let FSDP2 / DDP "
+                "reduce-scatter gradients) before optimizer.step().")
         if shard_dim % tensor.dim() != 0:
             raise ValueError(
                 f"Coupled parameter {name}: DTensor with {_describe(tensor)} splits dim "
@@ -89,7 +93,26 @@ def _row_split_dims(tensor: torch.Tensor, name: str, what: str) -> list[int]:
                 "sharding (Shard(0): FSDP2, RowwiseParallel on nn.Embedding, ColwiseParallel on "
                 "the output nn.Linear) can be coupled; shard this matrix on dim 0 instead.")
         dims.append(mesh_dim)
+    _check_strided(tensor, dims, name)
     return dims
+
+
+def _check_strided(tensor: torch.Tensor, row_dims: list[int], name: str) -> None:
+    """A ``_StridedShard(0, split_factor=k)`` leaves each shard one contiguous block of rows only
+    as FSDP2 uses it over tensor parallelism: the later mesh dims that split rows hold k pieces
+    between them. Anything else interleaves rows from several blocks."""
+    mesh = tensor.device_mesh
+    for i, mesh_dim in enumerate(row_dims):
+        split_factor = getattr(tensor.placements[mesh_dim], "split_factor", None)
+        if split_factor is None:
+            continue
+        later = math.prod(mesh.size(d) for d in row_dims[i + 1:])
+        if split_factor != later:
+            raise ValueError(
+                f"Coupled parameter {name}: DTensor with {_describe(tensor)}: "
+                f"{tensor.placements[mesh_dim]} on mesh dim {mesh_dim} does not leave each shard "
+                "one contiguous block of rows. CoupledAdam supports the layouts of FSDP2, tensor "
+                "parallelism and FSDP2 applied over tensor parallelism.")
 
 
 def geometry(tensor: torch.Tensor, key: str) -> ShardGeometry:
@@ -122,6 +145,11 @@ def geometry(tensor: torch.Tensor, key: str) -> ShardGeometry:
     rows_local = shape_local[0]
     start_row = min(offset_global[0], V) if rows_local else 0
     mesh = tensor.device_mesh
+    if torch.distributed.get_rank() == 0:  # once, at setup: what is coupled, and over what
+        names = mesh.mesh_dim_names or tuple(f"dim{d}" for d in range(mesh.ndim))
+        logger.info("coupled_ds: %s [%d, %d] is a DTensor with %s; rank 0 holds rows [%d, %d); "
+                    "column sums are reduced over mesh dims %s", key, V, H, _describe(tensor),
+                    start_row, start_row + rows_local, [names[d] for d in row_dims])
     return ShardGeometry(key, V, H, start_global_flat=start_row * H, numel=rows_local * H,
                          groups=tuple(mesh.get_group(d) for d in row_dims))
 

@@ -303,8 +303,24 @@ def _three_ranks(rank, world, path):
     return out
 
 
+def _interleaved_rows_refused(rank, world):
+    """_StridedShard(0) whose split factor is not what the later row splits hold: each shard
+    would interleave rows of several blocks, which a ShardGeometry cannot describe."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+    mesh = init_device_mesh("cpu", (2, 2))
+    p = nn.Parameter(DTensor.from_local(torch.zeros(9, H), mesh,
+                                        [_StridedShard(0, split_factor=3), Shard(0)]))
+    try:
+        CoupledAdam([{"params": [p], "coupled": True, "coupled_names": ["wte.weight"]}])
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _four_ranks(rank, world):
-    return {"fsdp_tp-untied": _run(rank, world, layout="fsdp_tp", tied=False, vocab_size=33),
+    return {"interleaved": _interleaved_rows_refused(rank, world),"fsdp_tp-untied": _run(rank, world, layout="fsdp_tp", tied=False, vocab_size=33),
             "fsdp_tp-tied": _run(rank, world, layout="fsdp_tp", tied=True),
             "hsdp-tied": _run(rank, world, layout="hsdp", tied=True),
             "metrics": _metrics(rank, world, "fsdp_tp", False, 33),
@@ -377,6 +393,8 @@ def test_uncouplable_placements_are_refused(runs):
     messages = runs[2][0]["refusals"]
     assert "wte.weight" in messages["shard1"] and "Shard(dim=1)" in messages["shard1"]
     assert "wte.weight" in messages["partial"] and "Partial" in messages["partial"]
+    interleaved = runs[4][0]["interleaved"]
+    assert interleaved is not None and "wte.weight" in interleaved and "contiguous" in interleaved
 
 
 def test_kernels_refuse_dtensors_instead_of_reading_past_the_shard(runs):
