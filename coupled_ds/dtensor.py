@@ -32,6 +32,7 @@ from coupled_ds.geometry import ShardGeometry
 __all__ = ["geometry", "is_dtensor", "local", "local_grad", "wrap_like"]
 
 logger = logging.getLogger(__name__)
+_announced: set[tuple[str, str]] = set()  # (key, layout) pairs rank 0 has logged
 
 
 def _dtensor_module() -> Any | None:
@@ -145,10 +146,12 @@ def geometry(tensor: torch.Tensor, key: str) -> ShardGeometry:
     rows_local = shape_local[0]
     start_row = min(offset_global[0], V) if rows_local else 0
     mesh = tensor.device_mesh
-    if torch.distributed.get_rank() == 0:  # once, at setup: what is coupled, and over what
+    layout = _describe(tensor)
+    if torch.distributed.get_rank() == 0 and (key, layout) not in _announced:  # once, at setup
+        _announced.add((key, layout))
         names = mesh.mesh_dim_names or tuple(f"dim{d}" for d in range(mesh.ndim))
         logger.info("coupled_ds: %s [%d, %d] is a DTensor with %s; rank 0 holds rows [%d, %d); "
-                    "column sums are reduced over mesh dims %s", key, V, H, _describe(tensor),
+                    "column sums are reduced over mesh dims %s", key, V, H, layout,
                     start_row, start_row + rows_local, [names[d] for d in row_dims])
     return ShardGeometry(key, V, H, start_global_flat=start_row * H, numel=rows_local * H,
                          groups=tuple(mesh.get_group(d) for d in row_dims))
