@@ -299,7 +299,7 @@ class CoupledAdam(torch.optim.Optimizer):
 
     def _coupled_groups(self, groups: list[dict[str, Any]]) -> None:
         """Moments and column sums per piece, one reduction for all coupled matrices, updates."""
-        pieces = []  # (group, p, state, local state, geometry, grad): p, grad, local state local
+        pieces = []  # (group, local p, state, local views of the state, geometry, local grad)
         for group in groups:
             self._check_coupled_group(group, "coupled group")
             for index, p in enumerate(group["params"]):
@@ -339,8 +339,8 @@ class CoupledAdam(torch.optim.Optimizer):
         rows_limit = self._rows_counted(group, geometry)
         if self.blocked:  # one pass over m, v and g
             kernels.moments_and_column_sums_(
-                col_sum_H, state["exp_avg"], state["exp_avg_sq"], grad, geometry, beta1=beta1, beta2=beta2, maximize=group["maximize"],
-                rows_limit=rows_limit)
+                col_sum_H, state["exp_avg"], state["exp_avg_sq"], grad, geometry, beta1=beta1,
+                beta2=beta2, maximize=group["maximize"], rows_limit=rows_limit)
             return
         if grad is not None:
             kernels.update_moments_([kernels.owned_view(state["exp_avg"], geometry)],

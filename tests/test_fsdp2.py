@@ -65,7 +65,8 @@ def _groups(model: nn.Module, vocab_size: int | None) -> list[dict]:
     return coupled_param_groups(model, weight_decay=0.1, vocab_size=vocab_size)
 
 
-def _reference(tied: bool, vocab_size: int | None, compact: bool = False) -> dict[str, torch.Tensor]:
+def _reference(tied: bool, vocab_size: int | None, compact: bool = False
+               ) -> dict[str, torch.Tensor]:
     """Single-process CoupledAdam on the whole model, global batch."""
     model = _model(tied)
     opt = CoupledAdam(_groups(model, vocab_size), **HP, compact_coupled_state=compact)
@@ -320,7 +321,8 @@ def _interleaved_rows_refused(rank, world):
 
 
 def _four_ranks(rank, world):
-    return {"interleaved": _interleaved_rows_refused(rank, world),"fsdp_tp-untied": _run(rank, world, layout="fsdp_tp", tied=False, vocab_size=33),
+    return {"interleaved": _interleaved_rows_refused(rank, world),
+            "fsdp_tp-untied": _run(rank, world, layout="fsdp_tp", tied=False, vocab_size=33),
             "fsdp_tp-tied": _run(rank, world, layout="fsdp_tp", tied=True),
             "hsdp-tied": _run(rank, world, layout="hsdp", tied=True),
             "metrics": _metrics(rank, world, "fsdp_tp", False, 33),
