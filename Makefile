@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/step_bench.py
+	$(PY) bench/fsdp2_bench.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -53,6 +53,7 @@ __all__ = [
     "expand_column_mean",
     "moments_and_column_sums_",
     "owned_view",
+    "require_plain_tensors",
     "update_moments_",
 ]
 
@@ -60,6 +61,22 @@ __all__ = [
 # tensors of phase 1 stay in a 16 MiB L3 while several ops walk them (measured best on 2 cores:
 # 64k-element chunks pay Python overhead per chunk, whole tensors pay memory traffic per op).
 CHUNK_ELEMENTS = 1 << 18
+
+
+def require_plain_tensors(*tensors: torch.Tensor | None) -> None:
+    """Raise unless every tensor is a plain ``torch.Tensor`` / ``nn.Parameter``.
+
+    The kernels read raw storage (C via ctypes, Triton) and flat views. A tensor subclass (a
+    DTensor under FSDP2 / tensor parallelism, a fake or functional tensor) is a global view whose
+    storage is not what its shape says: native code would read past its local shard.
+    """
+    for t in tensors:
+        if t is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            raise TypeError(
+                f"coupled_ds kernels got a {type(t).__module__}.{type(t).__name__} of shape "
+                f"{tuple(t.shape)}; they take plain local tensors only. Step DTensors through "
+                "CoupledAdam (it derives their shard geometry and passes their local shards), or "
+                "pass .to_local() shards with a ShardGeometry.")
 
 
 def owned_view(tensor: torch.Tensor, geometry: ShardGeometry) -> torch.Tensor:
@@ -111,6 +128,7 @@ def accumulate_column_sums_(
         rows_limit: Rows at or beyond it (padded vocabulary) are left out of the sum.
         square: Sum the squares of the values instead (compact state sums g^2).
     """
+    require_plain_tensors(exp_avg_sq)
     flat = exp_avg_sq.view(-1)
     H = geometry.cols
     for piece in geometry.pieces(rows_limit):
@@ -139,6 +157,7 @@ def column_denominator(
 # ---------------------------------------------------------------------------- fast form
 def backend_for(*tensors: torch.Tensor | None) -> str:
     """Which fast kernels take these tensors: "triton", "native" (C, CPU) or "torch"."""
+    require_plain_tensors(*tensors)
     first = next(t for t in tensors if t is not None)
     if first.is_cuda:
         return "triton" if triton_kernels.supports(*tensors) else "torch"
@@ -293,6 +312,7 @@ def apply_coupled_update_(
         blocked: The fast form (C / Triton kernels, else torch ops on cache-sized row chunks) or
             the reference form (torch ops on whole pieces).
     """
+    require_plain_tensors(param, exp_avg)
     backend = backend_for(param, exp_avg) if blocked else "torch"
     if backend != "torch":
         _apply_fused(backend, param, exp_avg, denom_H, geometry, step_size=step_size, decay=decay)

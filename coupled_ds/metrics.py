@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from coupled_ds import dtensor
 from coupled_ds.geometry import ShardGeometry
 
 __all__ = [
@@ -75,8 +76,12 @@ def embedding_metrics(E_VH: torch.Tensor, *, log_freq_V: torch.Tensor | None = N
                       vocab_size: int | None = None) -> EmbeddingMetrics:
     """Metrics of a whole [V, H] matrix held by this process (no collectives).
 
+    A DTensor (FSDP2, tensor parallelism) is not gathered: each rank computes on its local row
+    block and the sums are reduced over the mesh dimensions that split the rows, so every rank
+    of the mesh must call this (see :func:`coupled_ds.dtensor.geometry`).
+
     Args:
-        E_VH: The embedding matrix, any float dtype and device.
+        E_VH: The embedding matrix, any float dtype and device, or a DTensor of it.
         log_freq_V: Log unigram frequency per token, shape [vocab_size] or [V]; ``-inf`` (or
             nan) marks tokens never seen, which ``rho`` leaves out. See :func:`log_frequencies`.
         vocab_size: Real vocabulary; rows at or beyond it are padding and are left out.
@@ -84,6 +89,10 @@ def embedding_metrics(E_VH: torch.Tensor, *, log_freq_V: torch.Tensor | None = N
     if E_VH.dim() != 2:
         raise ValueError(f"embedding_metrics: E_VH has shape {tuple(E_VH.shape)}; expected a 2-D "
                          "[V, H] matrix with one row per token.")
+    if dtensor.is_dtensor(E_VH):
+        geometry = dtensor.geometry(E_VH.detach(), "embedding")
+        return sharded_embedding_metrics(dtensor.local(E_VH.detach()), geometry,
+                                         log_freq_V=log_freq_V, vocab_size=vocab_size)
     V, H = E_VH.shape
     geometry = ShardGeometry("embedding", V, H)
     return sharded_embedding_metrics(E_VH, geometry, log_freq_V=log_freq_V, vocab_size=vocab_size)

@@ -5,7 +5,9 @@ Every hyperparameter lives in the param groups, as in ``torch.optim.AdamW``. Gro
 as chosen), so they match ``torch.optim.AdamW`` bit for bit. Coupled groups go through
 :mod:`coupled_ds.kernels`; where the pieces of a coupled matrix live is described by
 :class:`~coupled_ds.geometry.ShardGeometry`, attached by engine adapters with
-:meth:`CoupledAdam.set_geometry`.
+:meth:`CoupledAdam.set_geometry`, or derived by :mod:`coupled_ds.dtensor` for parameters that
+carry their own sharding (DTensors under FSDP2 / tensor parallelism); the kernels then step their
+local shards.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch.optim import adamw as torch_adamw
 from torch.utils.weak import WeakIdKeyDictionary
 
-from coupled_ds import cpu_kernels, kernels
+from coupled_ds import cpu_kernels, dtensor, kernels
 from coupled_ds.geometry import ShardGeometry, full_matrix_geometry
 from coupled_ds.reduce import ColumnSums, allreduce_column_sums_
 
@@ -135,6 +137,8 @@ class CoupledAdam(torch.optim.Optimizer):
         for index, p in enumerate(group["params"]):
             name = self._name(group, index)
             geometry = self._geometry.get(p)
+            if geometry is None and dtensor.is_dtensor(p):  # a tensor that knows its sharding
+                geometry = self._geometry[p] = dtensor.geometry(p, self._key(group, index))
             if geometry is None and p.dim() != 2:
                 raise ValueError(
                     f"Coupled parameter {name} has shape {tuple(p.shape)}; coupled parameters must "
@@ -154,6 +158,14 @@ class CoupledAdam(torch.optim.Optimizer):
             return repr(names[index])
         return f"#{index} of a coupled group"
 
+    def _key(self, group: dict[str, Any], index: int) -> str:
+        """A name for a coupled matrix that is the same on every rank (orders collectives)."""
+        names = group.get("coupled_names")
+        if names and index < len(names):
+            return str(names[index])
+        group_index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        return f"param group {group_index} #{index}"
+
     def set_geometry(self, tensor: torch.Tensor, geometry: ShardGeometry) -> None:
         """Declare where ``tensor`` (a coupled tensor this optimizer steps) sits in its matrix.
 
@@ -166,6 +178,8 @@ class CoupledAdam(torch.optim.Optimizer):
     def geometry_of(self, tensor: torch.Tensor) -> ShardGeometry:
         """The geometry of a coupled tensor (a whole local matrix unless one was set)."""
         geometry = self._geometry.get(tensor)
+        if geometry is None and dtensor.is_dtensor(tensor):
+            return dtensor.geometry(tensor, key=f"local-{id(tensor)}")
         if geometry is None:
             if tensor.dim() != 2:
                 raise ValueError(
@@ -227,7 +241,8 @@ class CoupledAdam(torch.optim.Optimizer):
                     continue
                 entry = dict(packed["state"][index_of[id(p)]])
                 col_mean_H = entry.pop("exp_avg_sq_col_mean")
-                entry["exp_avg_sq"] = kernels.expand_column_mean(col_mean_H, p, self.geometry_of(p))
+                entry["exp_avg_sq"] = dtensor.wrap_like(p, kernels.expand_column_mean(
+                    col_mean_H, dtensor.local(p), self.geometry_of(p)))
                 packed["state"][index_of[id(p)]] = entry
         return packed
 
@@ -284,58 +299,60 @@ class CoupledAdam(torch.optim.Optimizer):
 
     def _coupled_groups(self, groups: list[dict[str, Any]]) -> None:
         """Moments and column sums per piece, one reduction for all coupled matrices, updates."""
-        pieces = []  # (group, p, state, geometry, has_grad)
+        pieces = []  # (group, local p, state, local views of the state, geometry, local grad)
         for group in groups:
             self._check_coupled_group(group, "coupled group")
             for index, p in enumerate(group["params"]):
                 self._check_grad(group, index, p)
                 geometry = self.geometry_of(p)
                 state = self._init_coupled_state(p, geometry)
-                pieces.append((group, p, state, geometry, p.grad is not None))
+                # The kernels see local tensors: a DTensor's own shard, anything else as it is.
+                grad = None if p.grad is None else dtensor.local_grad(p, self._name(group, index))
+                local_state = {k: dtensor.local(v) for k, v in state.items()}
+                pieces.append((group, dtensor.local(p), state, local_state, geometry, grad))
         # A piece without a gradient still reports its (unchanged) v: the other pieces of the
         # matrix need the whole column mean, and every rank must enter the collective.
         sums: dict[str, ColumnSums] = {}
-        for group, p, state, geometry, has_grad in pieces:
+        for group, p, _, local_state, geometry, grad in pieces:
             entry = self._column_sums_entry(sums, geometry, p.device)
-            self._moments_and_column_sums(entry.col_sum_H, group, p, state, geometry, has_grad)
+            self._moments_and_column_sums(entry.col_sum_H, group, grad, local_state, geometry)
         for geometry, device in self._empty_pieces:
             self._column_sums_entry(sums, geometry, device)
         self.last_reduce_bytes = allreduce_column_sums_(sums)
-        for group, p, state, geometry, has_grad in pieces:
+        for group, p, state, local_state, geometry, grad in pieces:
             col_sum_H = sums[geometry.key].col_sum_H
             if self.compact_coupled_state:
                 state.pop("exp_avg_sq", None)
                 state["exp_avg_sq_col_mean"] = col_sum_H / self._rows_counted(group, geometry)
-            if has_grad:
-                self._apply(group, p, state, geometry, col_sum_H)
+            if grad is not None:
+                self._apply(group, p, local_state, geometry, col_sum_H)
 
     def _moments_and_column_sums(self, col_sum_H: torch.Tensor, group: dict[str, Any],
-                                 p: torch.Tensor, state: dict[str, Any],
-                                 geometry: ShardGeometry, has_grad: bool) -> None:
+                                 grad: torch.Tensor | None, state: dict[str, Any],
+                                 geometry: ShardGeometry) -> None:
         """Phase 1 for one piece: update m and v (if it has a gradient) and add the column sums
         of the new v over real-vocabulary rows to ``col_sum_H``."""
         if self.compact_coupled_state:
-            self._compact_column_sums(col_sum_H, group, p, state, geometry, has_grad)
+            self._compact_column_sums(col_sum_H, group, grad, state, geometry)
             return
         beta1, beta2 = group["betas"]
         rows_limit = self._rows_counted(group, geometry)
         if self.blocked:  # one pass over m, v and g
             kernels.moments_and_column_sums_(
-                col_sum_H, state["exp_avg"], state["exp_avg_sq"], p.grad if has_grad else None,
-                geometry, beta1=beta1, beta2=beta2, maximize=group["maximize"],
-                rows_limit=rows_limit)
+                col_sum_H, state["exp_avg"], state["exp_avg_sq"], grad, geometry, beta1=beta1,
+                beta2=beta2, maximize=group["maximize"], rows_limit=rows_limit)
             return
-        if has_grad:
+        if grad is not None:
             kernels.update_moments_([kernels.owned_view(state["exp_avg"], geometry)],
                                     [kernels.owned_view(state["exp_avg_sq"], geometry)],
-                                    [kernels.owned_view(p.grad, geometry)], beta1=beta1,
+                                    [kernels.owned_view(grad, geometry)], beta1=beta1,
                                     beta2=beta2, maximize=group["maximize"])
         kernels.accumulate_column_sums_(col_sum_H, state["exp_avg_sq"], geometry,
                                         rows_limit=rows_limit)
 
     def _compact_column_sums(self, col_sum_H: torch.Tensor, group: dict[str, Any],
-                             p: torch.Tensor, state: dict[str, Any], geometry: ShardGeometry,
-                             has_grad: bool) -> None:
+                             grad: torch.Tensor | None, state: dict[str, Any],
+                             geometry: ShardGeometry) -> None:
         """Add this piece's share of sum_i v_new[i, :] using only the [H] mean (DESIGN §2).
 
         The piece's current v sums to count_H * mean_H per column (every row of the compact v is
@@ -352,19 +369,19 @@ class CoupledAdam(torch.optim.Optimizer):
         else:
             counts_H = kernels.column_counts(geometry, rows_limit, device=col_sum_H.device)
             old_sum_H = counts_H * state["exp_avg_sq_col_mean"].to(col_sum_H.device)
-        if not has_grad:
+        if grad is None:
             col_sum_H += old_sum_H
             return
         grad_sq_sum_H = torch.zeros_like(col_sum_H)
         if self.blocked:
             kernels.moments_and_column_sums_(
-                grad_sq_sum_H, state["exp_avg"], None, p.grad, geometry, beta1=beta1,
+                grad_sq_sum_H, state["exp_avg"], None, grad, geometry, beta1=beta1,
                 beta2=beta2, maximize=group["maximize"], rows_limit=rows_limit)
         else:
             kernels.update_moments_([kernels.owned_view(state["exp_avg"], geometry)], [],
-                                    [kernels.owned_view(p.grad, geometry)], beta1=beta1,
+                                    [kernels.owned_view(grad, geometry)], beta1=beta1,
                                     beta2=beta2, maximize=group["maximize"])
-            kernels.accumulate_column_sums_(grad_sq_sum_H, p.grad, geometry,
+            kernels.accumulate_column_sums_(grad_sq_sum_H, grad, geometry,
                                             rows_limit=rows_limit, square=True)
         col_sum_H += beta2 * old_sum_H + (1.0 - beta2) * grad_sq_sum_H
 

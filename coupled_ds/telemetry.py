@@ -13,6 +13,13 @@ Megatron (TensorBoard / W&B writers of ``megatron.training``, where that rank ha
     telemetry = EmbeddingTelemetry.for_megatron(model, every=100, jsonl_path="emb.jsonl")
     ...  # after each train_step: telemetry.after_step(iteration)
 
+PyTorch FSDP2 / DTensor tensor parallelism (the row blocks of each rank, reduced over the mesh
+dimensions that split the rows; nothing is gathered)::
+
+    telemetry = EmbeddingTelemetry.for_fsdp(model, every=100, jsonl_path="emb.jsonl",
+                                            writers=[tensorboard_writer(summary_writer)])
+    ...  # after each optimizer.step(), on every rank: telemetry.after_step(step)
+
 Anything else: ``EmbeddingTelemetry([EmbeddingSource(name, tensor)], writers=[fn])`` where a
 writer is a callable taking ``[(tag, value, step), ...]``.
 
@@ -36,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from coupled_ds import dtensor
 from coupled_ds.geometry import ShardGeometry
 from coupled_ds.groups import find_coupled_parameters
 from coupled_ds.metrics import EmbeddingMetrics, embedding_metrics, sharded_embedding_metrics
@@ -64,6 +72,14 @@ class EmbeddingSource:
     name: str
     local: Callable[[], torch.Tensor]
     geometry: ShardGeometry | None = None
+
+    @classmethod
+    def from_parameter(cls, name: str, p: torch.Tensor) -> EmbeddingSource:
+        """A model's [V, H] parameter: a DTensor's local row block with its geometry (see
+        :mod:`coupled_ds.dtensor`), any other tensor as a whole matrix."""
+        if dtensor.is_dtensor(p):
+            return cls(name, lambda: dtensor.local(p.detach()), dtensor.geometry(p, name))
+        return cls(name, lambda: p.detach())
 
 
 class EmbeddingTelemetry:
@@ -210,6 +226,24 @@ class EmbeddingTelemetry:
         writers = list(kwargs.pop("writers", ())) + (megatron_writers() if writer_rank else [])
         return cls(sources, every=every, jsonl_path=jsonl_path, writers=writers,
                    is_writer=writer_rank, **kwargs)
+
+
+    @classmethod
+    def for_fsdp(cls, model: nn.Module, *, every: int = 100,
+                 jsonl_path: str | os.PathLike | None = None,
+                 names: Sequence[str] | None = None, **kwargs: Any) -> EmbeddingTelemetry:
+        """Watch the embedding matrices of a model under FSDP2 (``fully_shard``) and/or DTensor
+        tensor parallelism (``parallelize_module``).
+
+        Each rank computes on its local row block of each DTensor and the metrics reduce over
+        the mesh dimensions that split the rows (FSDP2 x TP: both); the matrix is never
+        gathered. Plain (unsharded) parameters are computed whole by the writer rank (global
+        rank 0 unless ``is_writer`` is given). Every rank must call :meth:`after_step`. Other
+        keyword arguments (``writers``, ``log_freq_V``, ``vocab_size``, ...) go to
+        :class:`EmbeddingTelemetry`.
+        """
+        return cls([EmbeddingSource.from_parameter(n, p) for n, p in _find(model, names)],
+                   every=every, jsonl_path=jsonl_path, **kwargs)
 
 
 class _NoTelemetry(EmbeddingTelemetry):
