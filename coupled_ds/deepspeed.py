@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -45,9 +46,14 @@ ACCEPTED_PARAMS = ("lr", "betas", "eps", "weight_decay", "embedding_weight_decay
 _OFFLOAD_KEY = "zero_force_ds_cpu_optimizer"
 
 
+# Names accepted as cfg["optimizer"]["type"], compared lower-cased as DeepSpeed does: ours, and
+# Megatron's spelling (--optimizer coupled_adam), deliberately, for people who use both.
+ACCEPTED_NAMES = (OPTIMIZER_NAME.lower(), "coupled_adam")
+
+
 def is_coupled_name(name: str | None) -> bool:
     """Whether a config ``optimizer.type`` names Coupled Adam (case-insensitive, as DeepSpeed)."""
-    return isinstance(name, str) and name.lower() == OPTIMIZER_NAME.lower()
+    return isinstance(name, str) and name.lower() in ACCEPTED_NAMES
 
 
 def _param_ids(model_parameters: Iterable[Any]) -> tuple[set[int], list[dict[str, Any]] | None]:
@@ -79,6 +85,67 @@ def _split_user_groups(user_groups: list[dict[str, Any]], coupled: list[tuple[st
     return groups
 
 
+_NUMBERS = {  # key: (lowest allowed value, strictly above it?, an example)
+    "lr": (0.0, False, "3e-4"), "eps": (0.0, False, "1e-8"), "weight_decay": (0.0, False, "0.1"),
+    "embedding_weight_decay": (0.0, False, "0.0"), "avg_scale": (0.0, True, "1.0 or 2**-n"),
+}
+
+
+def _config_error(key: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"DeepSpeed config optimizer.params.{key}={value!r} "
+                      f"({type(value).__name__}): {expected}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _validate_params(params: Mapping[str, Any]) -> None:
+    """Type and range of every ``cfg["optimizer"]["params"]`` value, before anything is built.
+
+    Raises:
+        ValueError: Naming the key, the value and what to write instead.
+    """
+    for key, (low, strict, example) in _NUMBERS.items():
+        if key not in params:
+            continue
+        value = params[key]
+        if not _is_number(value) or not (value > low if strict else value >= low):
+            bound = f"> {low}" if strict else f">= {low}"
+            hint = (" Write a JSON number, not a string." if isinstance(value, str) else "")
+            if value == "auto":
+                hint = (" 'auto' is filled in by Hugging Face's Trainer / Accelerate only; "
+                        "outside them write the number.")
+            raise _config_error(key, value, f"expected a number {bound}, e.g. {example}.{hint}")
+    vocab_size = params.get("vocab_size")
+    if vocab_size is not None and (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)
+                                   or vocab_size <= 0):
+        raise _config_error("vocab_size", vocab_size,
+                            "expected a positive int, the real vocabulary size (rows at or "
+                            "beyond it are padding, left out of the column mean), e.g. 50257; "
+                            "leave the key out to count every row.")
+    betas = params.get("betas")
+    if betas is not None and (isinstance(betas, str) or not isinstance(betas, list | tuple)
+                              or len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1
+                                                            for b in betas)):
+        raise _config_error("betas", betas, "expected a list of two numbers in [0, 1), "
+                            "e.g. [0.9, 0.95].")
+    names = params.get("coupled_params")
+    if names is None:
+        return
+    if isinstance(names, str) or not isinstance(names, list | tuple) or not all(
+            isinstance(n, str) for n in names):
+        raise _config_error("coupled_params", names, "must be a list of regex strings over "
+                            "parameter names, e.g. ['embed', 'lm_head'].")
+    for pattern in names:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise _config_error("coupled_params", names, f"{pattern!r} is not a valid regular "
+                                f"expression ({err}); escape special characters, e.g. "
+                                f"{re.escape(pattern)!r}.") from err
+
+
 def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
                     params: Mapping[str, Any] | None) -> CoupledAdam:
     """``CoupledAdam`` from ``cfg["optimizer"]["params"]`` over the parameters DeepSpeed was given.
@@ -98,10 +165,8 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
             f"DeepSpeed config optimizer.params has unknown key(s) {unknown} for type "
             f"{OPTIMIZER_NAME!r}. Accepted keys: {list(ACCEPTED_PARAMS)}. (Gradient clipping is "
             "the top-level 'gradient_clipping' key.)")
+    _validate_params(params)
     names = params.get("coupled_params")
-    if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
-        raise ValueError(f"DeepSpeed config optimizer.params.coupled_params={names!r} must be a "
-                         "list of regex strings over parameter names, e.g. ['embed', 'lm_head'].")
     if any(hasattr(p, "ds_id") for p in module.parameters()):
         raise ValueError(
             f"DeepSpeed optimizer {OPTIMIZER_NAME!r}: the model was built under "
@@ -192,9 +257,10 @@ def _configure_optimizer(original, engine, client_optimizer, model_parameters):
 
     original(engine, client_optimizer, model_parameters)
     if coupled or isinstance(engine.basic_optimizer, CoupledAdam):
-        from coupled_ds import zero
+        from coupled_ds import ds_checkpoint, zero
 
         zero.attach_geometry(engine)
+        ds_checkpoint.guard_checkpoint_loads(engine)
 
 
 def register() -> None:
@@ -203,8 +269,9 @@ def register() -> None:
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.zero import utils as zero_utils
 
-    if OPTIMIZER_NAME.lower() not in ds_config.DEEPSPEED_OPTIMIZERS:
-        ds_config.DEEPSPEED_OPTIMIZERS.append(OPTIMIZER_NAME.lower())  # engine holds the same list
+    for name in ACCEPTED_NAMES:
+        if name not in ds_config.DEEPSPEED_OPTIMIZERS:
+            ds_config.DEEPSPEED_OPTIMIZERS.append(name)  # the engine holds the same list
     if CoupledAdam not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
         zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(CoupledAdam)
     _patch(DeepSpeedEngine, "_configure_basic_optimizer", _configure_basic_optimizer)

@@ -82,6 +82,24 @@ def find_coupled_parameters(
     return [(n, params[n]) for n in chosen]
 
 
+def _raise_if_frozen(model: nn.Module, names: Sequence[str] | None) -> None:
+    """Nothing trainable was found: say so if the embedding is there but frozen."""
+    every = dict(model.named_parameters())
+    if names is not None:
+        patterns = [re.compile(n) for n in names]
+        frozen = [n for n, p in every.items() if any(r.search(n) for r in patterns)]
+    else:
+        frozen = _detect(model, every)
+    frozen = [n for n in frozen if not every[n].requires_grad]
+    if frozen:
+        shown = ", ".join(f"{n} {tuple(every[n].shape)}" for n in frozen)
+        raise NoEmbeddingFoundError(
+            f"coupled_param_groups: the embedding matrices {shown} are frozen "
+            "(requires_grad=False), so there is nothing to couple. Unfreeze them "
+            "(p.requires_grad_(True)) to train them with Coupled Adam, or pass "
+            "allow_no_embedding=True to train the rest with plain AdamW.")
+
+
 def coupled_param_groups(
     model: nn.Module,
     *,
@@ -114,6 +132,7 @@ def coupled_param_groups(
     """
     coupled = find_coupled_parameters(model, names=names)
     if not coupled and not allow_no_embedding:
+        _raise_if_frozen(model, names)
         how = f"names={list(names)!r} matched no parameter" if names is not None else (
             "no nn.Embedding, output projection or is_embedding_or_output_parameter was found")
         raise NoEmbeddingFoundError(
