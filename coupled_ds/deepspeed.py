@@ -181,15 +181,19 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
     tp_vocab = vocab_size is not None and any(getattr(p, "tensor_model_parallel", False)
                                               for p in module.parameters())
     given_ids, user_groups = _param_ids(model_parameters)
+    pipe_group, vocab_shape = _pipeline_stage(module, names)
     vocab_size, global_vocab_size = (None, vocab_size) if tp_vocab else (vocab_size, None)
     try:
         if user_groups is None:
             groups = coupled_param_groups(module, weight_decay=weight_decay,
                                           embedding_weight_decay=embedding_wd, names=names,
-                                          vocab_size=vocab_size, avg_scale=params.get("avg_scale"))
+                                          vocab_size=vocab_size, avg_scale=params.get("avg_scale"),
+                                          allow_no_embedding=pipe_group is not None,
+                                          vocab_shape=vocab_shape)
         else:
-            coupled = find_coupled_parameters(module, names=names)
-            coupled_param_groups(module, names=names, vocab_size=vocab_size)  # same checks
+            coupled = find_coupled_parameters(module, names=names, vocab_shape=vocab_shape)
+            coupled_param_groups(module, names=names, vocab_size=vocab_size,  # same checks
+                                 allow_no_embedding=pipe_group is not None, vocab_shape=vocab_shape)
             groups = _split_user_groups(user_groups, coupled, embedding_wd, vocab_size)
     except NoEmbeddingFoundError as err:
         raise NoEmbeddingFoundError(
@@ -200,7 +204,7 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
                          f"(optimizer.params.coupled_params={names!r}): {err}") from err
     groups = [{**g, "params": [p for p in g["params"] if id(p) in given_ids]} for g in groups]
     groups = [g for g in groups if g["params"]]
-    if not any(g.get("coupled") for g in groups):
+    if not any(g.get("coupled") for g in groups) and pipe_group is None:
         raise NoEmbeddingFoundError(
             f"DeepSpeed optimizer {OPTIMIZER_NAME!r}: the coupled matrices are not among the "
             "model_parameters given to deepspeed.initialize (frozen?). Pass "
@@ -213,6 +217,20 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
         if group["coupled"] and global_vocab_size is not None:
             group["vocab_size"] = global_vocab_size
     return optimizer
+
+
+def _pipeline_stage(module: nn.Module, names: list[str] | None
+                    ) -> tuple[Any, tuple[int, int] | None]:
+    """For a stage of a ``deepspeed.pipe.PipelineModule``: its pipe-parallel group, and the
+    token embedding's [V, H] from whichever stage holds it (a collective; every stage builds its
+    optimizer here). A stage may hold no embedding; that some stage does is checked together in
+    :func:`coupled_ds.zero.attach_geometry`."""
+    from coupled_ds import zero
+
+    group = zero.pipeline_group(module)
+    if group is None:
+        return None, None
+    return group, zero.pipeline_vocab_shape(module, group) if names is None else None
 
 
 # ---------------------------------------------------------------------- engine patches
