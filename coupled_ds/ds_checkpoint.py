@@ -46,8 +46,8 @@ logger = logging.getLogger(__name__)
 # Group option -> the DeepSpeed config key that sets it (for coupled groups).
 _COUPLED_OPTIONS = {"vocab_size": "vocab_size", "weight_decay": "embedding_weight_decay",
                     "avg_scale": "avg_scale"}
-_FIX_FRESH = ("engine.load_checkpoint(dir, load_optimizer_states=False) restores the weights and "
-              "starts the optimizer moments at zero")
+_FIX_FRESH = ("engine.load_checkpoint(dir, load_optimizer_states=False) (restores the weights, "
+              "starts the optimizer moments at zero)")
 
 
 class CheckpointMismatchError(ValueError):
@@ -95,6 +95,17 @@ def _check_same_settings(ours: list[dict[str, Any]], saved: list[dict[str, Any]]
                     f"as saved, or, to change it, load with {_FIX_FRESH}.")
 
 
+def _other_layout(where: str, found: str, ours: str) -> CheckpointMismatchError:
+    return CheckpointMismatchError(
+        f"{where}: the checkpoint's optimizer state was written by a plain Adam/AdamW optimizer "
+        f"with {found}; this run has {ours}. Its moments cannot be matched to this run's "
+        "parameters (a regular checkpoint continues only with the same param groups, as an AdamW "
+        "run grouped by coupled_ds.coupled_param_groups has, e.g. examples/train_ds.py "
+        "--optimizer AdamW). Either convert it with ds_to_universal --inject_missing_state and "
+        "load it with checkpoint.load_universal=true (moments matched by parameter name and "
+        f"taken over), or load with {_FIX_FRESH}.")
+
+
 def _normalise_steps(opt: CoupledAdam) -> None:
     """AdamW-style states may hold ``step`` as a Python number (DeepSpeed's FusedAdam) or one
     tensor shared by several states; CoupledAdam increments its own float32 tensor in place."""
@@ -127,13 +138,8 @@ def _base_load(opt: CoupledAdam, original: Any, state_dict: dict[str, Any]) -> N
         len(a) == len(b) and all(s is None or s == t for s, t in zip(b, a))
         for a, b in zip(ours, theirs))
     if not same:
-        raise CheckpointMismatchError(
-            f"{where}: the checkpoint's optimizer state was written by a plain Adam/AdamW "
-            f"optimizer with {len(saved)} param group(s) (tensor shapes {theirs}), and this run "
-            f"has {_describe_groups(opt.param_groups)} (shapes {ours}); its moments cannot be "
-            "matched to parameters. Either convert the checkpoint with ds_to_universal "
-            "--inject_missing_state and load it with checkpoint.load_universal=true (moments are "
-            f"matched by parameter name and taken over), or load with {_FIX_FRESH}.")
+        raise _other_layout(where, f"{len(saved)} param group(s) (tensor shapes {theirs})",
+                            f"{_describe_groups(opt.param_groups)} (shapes {ours})")
     options = [_options(g) for g in opt.param_groups]
     original(state_dict)
     for group, own in zip(opt.param_groups, options):
@@ -153,21 +159,24 @@ def _zero12_load(zero_opt: Any, original: Any, state_dict_list: list[dict[str, A
     checkpoint_folder = kwargs.get("checkpoint_folder", args[1] if len(args) > 1 else None)
     if load_optimizer_states and not checkpoint_folder:
         import torch.distributed as dist
-        from deepspeed.checkpoint.constants import PARAM_SLICE_MAPPINGS
+        from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, PARAM_SLICE_MAPPINGS
 
         saved = state_dict_list[dist.get_rank(group=zero_opt.dp_process_group)]
         theirs = [list(m) for m in saved.get(PARAM_SLICE_MAPPINGS) or []]
-        ours = [list(m) for m in zero_opt._param_slice_mappings]
+        ours = [list(m) for m in zero_opt._param_slice_mappings]  # this rank's partition
         if theirs and theirs != ours:
-            raise CheckpointMismatchError(
-                f"DeepSpeed ZeRO checkpoint load (CoupledAdam): the checkpoint's optimizer "
-                f"partitions hold the parameters {theirs} in {len(theirs)} param group(s); this "
-                f"run holds {ours} in {len(ours)} ({_describe_groups(zero_opt.optimizer.param_groups)}). "
-                "A regular ZeRO checkpoint can only be continued with the same param groups "
-                "(an AdamW run built with coupled_ds.coupled_param_groups, e.g. "
-                "examples/train_ds.py --optimizer AdamW, can). Convert it with ds_to_universal "
-                "--inject_missing_state and load with checkpoint.load_universal=true (moments "
-                f"matched by parameter name), or load with {_FIX_FRESH}.")
+            where = "DeepSpeed ZeRO checkpoint load (CoupledAdam)"
+            found = (f"{len(theirs)} param group(s) (this rank's partition holds {theirs}, "
+                     f"here {ours})")
+            groups = zero_opt.optimizer.param_groups
+            base = saved.get(BASE_OPTIMIZER_STATE)
+            if isinstance(base, dict) and _is_coupled_checkpoint(base["param_groups"]):
+                _check_same_settings(groups, base["param_groups"], where)
+                raise CheckpointMismatchError(
+                    f"{where}: the checkpoint's CoupledAdam holds {found}; this run has "
+                    f"{_describe_groups(groups)}. Load with {_FIX_FRESH}, or convert it with "
+                    "ds_to_universal and load with checkpoint.load_universal=true.")
+            raise _other_layout(where, found, _describe_groups(groups))
     original(state_dict_list, load_optimizer_states, *args, **kwargs)
 
 
