@@ -65,10 +65,12 @@ def _param_ids(model_parameters: Iterable[Any]) -> tuple[set[int], list[dict[str
 
 
 def _split_user_groups(user_groups: list[dict[str, Any]], coupled: list[tuple[str, nn.Parameter]],
-                       embedding_weight_decay: float, vocab_size: int | None
-                       ) -> list[dict[str, Any]]:
+                       embedding_weight_decay: float, vocab_size: int | None,
+                       weight_decay: float) -> list[dict[str, Any]]:
     """Keep the user's groups but move each coupled matrix into a group of its own (ZeRO
-    flattens a group into one buffer; one coupled matrix per buffer keeps its geometry simple)."""
+    flattens a group into one buffer; one coupled matrix per buffer keeps its geometry simple).
+    A group that sets no ``weight_decay`` (DeepSpeed's own MoE split of ``model.parameters()``
+    into dense and expert groups) gets the usual decay / no-decay split."""
     names = {id(p): n for n, p in coupled}
     groups = []
     for user_group in user_groups:
@@ -80,9 +82,19 @@ def _split_user_groups(user_groups: list[dict[str, Any]], coupled: list[tuple[st
                                "coupled_names": [names[id(p)]], "vocab_size": vocab_size,
                                "weight_decay": embedding_weight_decay})
         rest = [p for p in params if id(p) not in names]
-        if rest:
-            groups.append({**options, "params": rest})
+        groups += _decay_split(options, rest, weight_decay)
     return groups
+
+
+def _decay_split(options: dict[str, Any], params: list[nn.Parameter],
+                 weight_decay: float) -> list[dict[str, Any]]:
+    """One group as given if it sets ``weight_decay``; else matrices with ``weight_decay`` and
+    1-D tensors (biases, norms, expert biases) without, each keeping the group's other options
+    (``moe`` and ``name`` for DeepSpeed's expert groups)."""
+    if "weight_decay" in options:
+        return [{**options, "params": params}] if params else []
+    split = ([p for p in params if p.dim() >= 2], weight_decay), ([p for p in params if p.dim() < 2], 0.0)
+    return [{**options, "params": members, "weight_decay": wd} for members, wd in split if members]
 
 
 _NUMBERS = {  # key: (lowest allowed value, strictly above it?, an example)
@@ -194,7 +206,8 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
             coupled = find_coupled_parameters(module, names=names, vocab_shape=vocab_shape)
             coupled_param_groups(module, names=names, vocab_size=vocab_size,  # same checks
                                  allow_no_embedding=pipe_group is not None, vocab_shape=vocab_shape)
-            groups = _split_user_groups(user_groups, coupled, embedding_wd, vocab_size)
+            groups = _split_user_groups(user_groups, coupled, embedding_wd, vocab_size,
+                                        weight_decay)
     except NoEmbeddingFoundError as err:
         raise NoEmbeddingFoundError(
             f"DeepSpeed optimizer {OPTIMIZER_NAME!r}: {err} In the DeepSpeed config this is "
