@@ -10,7 +10,8 @@ do, and the documented alternative works:
 * a regular checkpoint of one plain AdamW group: refused; ``load_optimizer_states=False`` then
   restores the weights exactly with fresh moments;
 * the same checkpoint converted with ``ds_to_universal`` and loaded at 3 ranks: taken over
-  (moments matched by parameter name).
+  (moments matched by parameter name);
+* and back: a CoupledAdam checkpoint continued by AdamW with the same param groups.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def _adamw_runs(rank: int, world: int, root: str) -> dict[str, Any]:
         engine.save_checkpoint(os.path.join(root, label), tag="k")
         out[label] = H.full_params(engine)
         engine.destroy()
+    engine, _ = _engine(H.ds_config(2, world=world))  # for the reverse switch
+    H.train(engine, rank, 0, K)
+    engine.save_checkpoint(os.path.join(root, "coupled-zero2"), tag="k")
+    out["coupled-zero2"] = H.full_params(engine)
+    engine.destroy()
     return out if rank == 0 else {}
 
 
@@ -104,23 +110,29 @@ def _coupled_runs(rank: int, world: int, root: str, universal: bool) -> dict[str
     engine.destroy()
     engine, _ = _engine(H.ds_config(2, world=world))
     out["fresh"] = _load_and_continue(engine, rank, folder, "k", load_optimizer_states=False)
+    engine.destroy()
+    engine, _ = _engine(_adamw_config(2, world), lambda m: _adamw_groups(m, False))
+    out["reverse"] = _load_and_continue(engine, rank, os.path.join(root, "coupled-zero2"), "k")
     return out if rank == 0 else {}
 
 
-def reference(one_group: bool, worlds: list[int], take_over: bool) -> dict[str, torch.Tensor]:
+def reference(one_group: bool, worlds: list[int], take_over: bool, reverse: bool = False
+              ) -> dict[str, torch.Tensor]:
     """Single process: torch AdamW for K steps, then CoupledAdam (with AdamW's moments and step
-    if ``take_over``, else fresh) for N - K; the mean loss over every rank's micro-batch."""
+    if ``take_over``, else fresh) for N - K (``reverse``: CoupledAdam first, then AdamW); the
+    mean loss over every rank's micro-batch."""
     model = H.make_model()
     adamw = torch.optim.AdamW(_adamw_groups(model, one_group), lr=H.HP["lr"],
                               betas=H.HP["betas"], eps=H.HP["eps"],
                               weight_decay=H.HP["weight_decay"])
     coupled = CoupledAdam(coupled_param_groups(model, weight_decay=H.HP["weight_decay"]),
                           lr=H.HP["lr"], betas=H.HP["betas"], eps=H.HP["eps"])
+    first, second = (coupled, adamw) if reverse else (adamw, coupled)
     for step in range(N):
-        opt = adamw if step < K else coupled
+        opt = first if step < K else second
         if step == K and take_over:
-            for p, state in adamw.state.items():
-                coupled.state[p] = {k: v.clone() for k, v in state.items()}
+            for p, state in first.state.items():
+                second.state[p] = {k: v.clone() for k, v in state.items()}
         opt.zero_grad(set_to_none=True)
         parts = [H.micro_batch(step, 0, r) for r in range(worlds[step])]
         (sum(model(ids, tg) for ids, tg in parts) / len(parts)).backward()
@@ -160,6 +172,12 @@ def test_adamw_checkpoint_into_coupled_adam(tmp_path):
     diff = H.max_rel_diff(final, reference(True, [2] * N, take_over=False))
     print(f"AdamW one group -> CoupledAdam, fresh moments: max relative difference {diff:.2e}")
     assert diff <= 1e-6, f"fresh-moment continuation differs by {diff:.2e}"
+
+    loaded, final = got["reverse"]
+    _assert_restored("CoupledAdam -> AdamW", loaded, saved["coupled-zero2"])
+    diff = H.max_rel_diff(final, reference(False, [2] * N, take_over=True, reverse=True))
+    print(f"CoupledAdam zero2 -> AdamW, moments taken over: max relative difference {diff:.2e}")
+    assert diff <= 1e-6, f"reverse switch differs by {diff:.2e}"
 
     _to_universal(tmp_path, "zero2-one-group")
     loaded, final = run_on_ranks(3, _coupled_runs, root, True, env=H.DS_ENV,
