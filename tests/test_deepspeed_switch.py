@@ -32,7 +32,7 @@ from tests.test_deepspeed_checkpoint import _to_universal  # noqa: E402
 
 N, K = 8, 4                    # steps in all, AdamW steps before the switch
 SAME_GROUPS = {"zero1": 1, "zero2": 2, "zero3": 3}
-pytestmark = pytest.mark.slow
+UNIVERSAL = {"zero2-one-group": 2, "zero3-one-group": 3}
 
 
 def _adamw_groups(model: torch.nn.Module, one_group: bool) -> list[dict[str, Any]]:
@@ -64,7 +64,7 @@ def _adamw_runs(rank: int, world: int, root: str) -> dict[str, Any]:
     """K AdamW steps per layout, saved; rank 0 returns the saved weights."""
     out = {}
     for label, stage, one_group in [*[(k, s, False) for k, s in SAME_GROUPS.items()],
-                                    ("zero2-one-group", 2, True)]:
+                                    ("zero2-one-group", 2, True), ("zero3-one-group", 3, True)]:
         engine, _ = _engine(_adamw_config(stage, world),
                             lambda m, one=one_group: _adamw_groups(m, one))
         H.train(engine, rank, 0, K)
@@ -91,10 +91,11 @@ def _load_and_continue(engine: Any, rank: int, folder: str, tag: str, **load: An
 def _coupled_runs(rank: int, world: int, root: str, universal: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if universal:
-        cfg = H.ds_config(2, world=world) | {"checkpoint": {"load_universal": True}}
-        engine, _ = _engine(cfg)
-        out["universal"] = _load_and_continue(engine, rank, os.path.join(root, "zero2-one-group"),
-                                              "k_universal")
+        for label, stage in UNIVERSAL.items():
+            cfg = H.ds_config(stage, world=world) | {"checkpoint": {"load_universal": True}}
+            engine, _ = _engine(cfg)
+            out[label] = _load_and_continue(engine, rank, os.path.join(root, label), "k_universal")
+            engine.destroy()
         return out if rank == 0 else {}
     for label, stage in SAME_GROUPS.items():
         engine, _ = _engine(H.ds_config(stage, world=world))
@@ -146,6 +147,7 @@ def _assert_restored(label: str, loaded: dict[str, torch.Tensor],
         assert torch.equal(loaded[name], tensor), f"{label}: {name} not restored bit for bit"
 
 
+@pytest.mark.slow
 def test_adamw_checkpoint_into_coupled_adam(tmp_path):
     root = str(tmp_path)
     saved = run_on_ranks(2, _adamw_runs, root, env=H.DS_ENV, timeout=300)[0]
@@ -179,12 +181,68 @@ def test_adamw_checkpoint_into_coupled_adam(tmp_path):
     print(f"CoupledAdam zero2 -> AdamW, moments taken over: max relative difference {diff:.2e}")
     assert diff <= 1e-6, f"reverse switch differs by {diff:.2e}"
 
-    _to_universal(tmp_path, "zero2-one-group")
-    loaded, final = run_on_ranks(3, _coupled_runs, root, True, env=H.DS_ENV,
-                                 timeout=300)[0]["universal"]
-    _assert_restored("universal 2 -> 3 ranks", loaded, saved["zero2-one-group"])
+    for label in UNIVERSAL:
+        _to_universal(tmp_path, label)
+    got = run_on_ranks(3, _coupled_runs, root, True, env=H.DS_ENV, timeout=300)[0]
     want = reference(True, [2] * K + [3] * (N - K), take_over=True)
-    diff = H.max_rel_diff(final, want)
-    print(f"AdamW one group, universal 2 -> 3 ranks -> CoupledAdam: max relative difference "
-          f"{diff:.2e}")
-    assert diff <= 1e-6, f"universal switch differs by {diff:.2e}"
+    for label in UNIVERSAL:
+        loaded, final = got[label]
+        _assert_restored(f"{label} universal 2 -> 3 ranks", loaded, saved[label])
+        diff = H.max_rel_diff(final, want)
+        print(f"AdamW {label}, universal 2 -> 3 ranks -> CoupledAdam: max relative difference "
+              f"{diff:.2e}")
+        assert diff <= 1e-6, f"{label}: universal switch differs by {diff:.2e}"
+
+
+def _adamw_after_steps(one_group: bool) -> tuple[torch.nn.Module, torch.optim.AdamW]:
+    model = H.make_model()
+    adamw = torch.optim.AdamW(_adamw_groups(model, one_group), lr=H.HP["lr"], betas=(0.8, 0.9))
+    for step in range(2):
+        adamw.zero_grad()
+        model(*H.micro_batch(step, 0, 0)).backward()
+        adamw.step()
+    return model, adamw
+
+
+def _coupled(model: torch.nn.Module, **groups: Any) -> CoupledAdam:
+    return CoupledAdam(coupled_param_groups(model, weight_decay=H.HP["weight_decay"], **groups),
+                       lr=H.HP["lr"], betas=H.HP["betas"])
+
+
+def test_base_load_takes_over_same_groups_and_keeps_our_options():
+    """What ZeRO 0 and 3 call: CoupledAdam.load_state_dict with an AdamW state dict."""
+    from coupled_ds.ds_checkpoint import _base_load
+
+    model, adamw = _adamw_after_steps(one_group=False)
+    opt = _coupled(model, vocab_size=H.REAL_VOCAB)
+    options = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    _base_load(opt, opt.load_state_dict, adamw.state_dict())
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == options
+    for p, state in adamw.state.items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], state[key]), key
+        assert opt.state[p]["step"] is not state["step"]
+    model(*H.micro_batch(2, 0, 0)).backward()
+    opt.step()  # no KeyError: 'coupled'
+
+
+def test_base_load_refuses_other_groups_and_changed_settings():
+    from coupled_ds.ds_checkpoint import CheckpointMismatchError, _base_load
+
+    model, adamw = _adamw_after_steps(one_group=True)
+    opt = _coupled(model)
+    with pytest.raises(CheckpointMismatchError) as info:
+        _base_load(opt, opt.load_state_dict, adamw.state_dict())
+    for word in ("plain Adam/AdamW", "1 param group(s)", "3 param group(s)", "coupled ['tok.weight']",
+                 "load_optimizer_states=False", "load_universal"):
+        assert word in str(info.value), f"{word!r} missing from: {info.value}"
+    saved = _coupled(model, vocab_size=H.REAL_VOCAB).state_dict()
+    for changed, words in ((dict(vocab_size=H.V), ["optimizer.params.vocab_size=37",
+                                                   "vocab_size=33"]),
+                           (dict(embedding_weight_decay=0.05),
+                            ["optimizer.params.embedding_weight_decay=0.05", "weight_decay=0.0"])):
+        opt = _coupled(model, **{"vocab_size": H.REAL_VOCAB, **changed})
+        with pytest.raises(CheckpointMismatchError) as info:
+            _base_load(opt, opt.load_state_dict, saved)
+        for word in words:
+            assert word in str(info.value), f"{word!r} missing from: {info.value}"
