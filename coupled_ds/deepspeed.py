@@ -93,8 +93,10 @@ def _decay_split(options: dict[str, Any], params: list[nn.Parameter],
     (``moe`` and ``name`` for DeepSpeed's expert groups)."""
     if "weight_decay" in options:
         return [{**options, "params": params}] if params else []
-    split = ([p for p in params if p.dim() >= 2], weight_decay), ([p for p in params if p.dim() < 2], 0.0)
-    return [{**options, "params": members, "weight_decay": wd} for members, wd in split if members]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [{**options, "params": members, "weight_decay": wd}
+            for members, wd in ((decay, weight_decay), (no_decay, 0.0)) if members]
 
 
 _NUMBERS = {  # key: (lowest allowed value, strictly above it?, an example)

@@ -134,5 +134,6 @@ def test_megatron_spelling_and_checkpoint_disagreement(tmp_path):
                                ("embedding_weight_decay", 0.1, 0.0)):
         kind, message = got[key]
         assert kind == "CheckpointMismatchError", (key, kind, message)
-        for word in (f"optimizer.params.{key}={config!r}", f"={saved!r}", "load_optimizer_states=False"):
+        for word in (f"optimizer.params.{key}={config!r}", f"={saved!r}",
+                     "load_optimizer_states=False"):
             assert word in message, f"{word!r} missing from: {message}"

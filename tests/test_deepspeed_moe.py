@@ -61,7 +61,7 @@ def test_moe_groups_split_decay_and_keep_experts_apart():
             name = names[id(p)]
             seen.append(name)
             assert group["weight_decay"] == _expected_decay(name, p), (name, group["weight_decay"])
-            assert bool(group.get("moe")) == is_moe_param(p), f"{name}: moe group {group.get('moe')}"
+            assert bool(group.get("moe")) == is_moe_param(p), f"{name}: moe {group.get('moe')}"
             assert group["coupled"] == (name == "tok.weight"), name
     assert sorted(seen) == sorted(names.values())
     assert any(".bias" in n and "experts" in n for n in seen)

@@ -1,4 +1,4 @@
-"""DeepSpeed pipeline parallelism (``deepspeed.pipe.PipelineModule``) with ``"type": "CoupledAdam"``.
+"""DeepSpeed pipeline parallelism (``deepspeed.pipe.PipelineModule``) with CoupledAdam.
 
 Stages hold different parameters: the first the token embedding, the middle ones none, the last
 the tied head (a copy of the embedding whose gradient DeepSpeed all-reduces with the first

@@ -166,7 +166,8 @@ def test_adamw_checkpoint_into_coupled_adam(tmp_path):
 
     kind, message = got["refused"]
     assert kind == "CheckpointMismatchError", (kind, message)
-    for word in ("plain Adam/AdamW", "1 param group", "3 param group", "load_optimizer_states=False",
+    for word in ("plain Adam/AdamW", "1 param group", "3 param group",
+                 "load_optimizer_states=False",
                  "ds_to_universal", "load_universal"):
         assert word in message, f"{word!r} missing from: {message}"
     loaded, final = got["fresh"]
@@ -233,7 +234,8 @@ def test_base_load_refuses_other_groups_and_changed_settings():
     opt = _coupled(model)
     with pytest.raises(CheckpointMismatchError) as info:
         _base_load(opt, opt.load_state_dict, adamw.state_dict())
-    for word in ("plain Adam/AdamW", "1 param group(s)", "3 param group(s)", "coupled ['tok.weight']",
+    for word in ("plain Adam/AdamW", "1 param group(s)", "3 param group(s)",
+                 "coupled ['tok.weight']",
                  "load_optimizer_states=False", "load_universal"):
         assert word in str(info.value), f"{word!r} missing from: {info.value}"
     saved = _coupled(model, vocab_size=H.REAL_VOCAB).state_dict()
