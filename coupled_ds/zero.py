@@ -287,6 +287,10 @@ def _check_pipeline(engine: Any, opt: CoupledAdam, wrapper: Any) -> None:
         raise NoEmbeddingFoundError(
             "CoupledAdam under DeepSpeed pipeline parallelism: no stage holds a token embedding "
             "or output projection. Name them with optimizer.params.coupled_params=[regex, ...].")
+    if dist.get_rank() == 0:
+        logger.info("coupled_ds: pipeline of %d stages; %d coupled matrices over all stages (a "
+                    "tied copy on the last stage counts again; stages without one train as AdamW)",
+                    dist.get_world_size(group), int(coupled))
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if isinstance(wrapper, DeepSpeedZeroOptimizer):
