@@ -25,7 +25,8 @@ load either continues exactly or raises before the first step:
   when every parameter can be matched: regular checkpoints with the same param groups (same
   parameters in the same groups, e.g. ``examples/train_ds.py --optimizer AdamW``), and universal
   checkpoints of any grouping. The group options (hyperparameters) then come from this run's
-  config. Any other layout raises, saying what was found and what to do.
+  config, except the scheduled ``lr``, which is the checkpoint's. Any other layout raises,
+  saying what was found and what to do.
 """
 
 from __future__ import annotations
@@ -106,6 +107,24 @@ def _other_layout(where: str, found: str, ours: str) -> CheckpointMismatchError:
         f"taken over), or load with {_FIX_FRESH}.")
 
 
+def _take_scheduled_lr(groups: list[dict[str, Any]], saved: list[dict[str, Any]]) -> None:
+    """The saved ``lr`` (and ``initial_lr``): DeepSpeed restores a scheduler's position but not
+    the groups' lr, so the first step after a load runs at the lr the checkpoint's groups hold.
+    Group by group where the groups correspond, else the one lr all saved groups share."""
+    for key in ("lr", "initial_lr"):
+        values = [g[key] for g in saved if key in g]
+        if len(saved) == len(groups) and len(values) == len(saved):
+            for group, value in zip(groups, values):
+                group[key] = value
+        elif values and all(v == values[0] for v in values):
+            for group in groups:
+                group[key] = values[0]
+        elif values:
+            logger.warning("coupled_ds: the checkpoint's %d param groups have different %s %s; "
+                           "this run's %d groups keep the config's until the scheduler sets it",
+                           len(saved), key, values, len(groups))
+
+
 def _normalise_steps(opt: CoupledAdam) -> None:
     """AdamW-style states may hold ``step`` as a Python number (DeepSpeed's FusedAdam) or one
     tensor shared by several states; CoupledAdam increments its own float32 tensor in place."""
@@ -146,6 +165,7 @@ def _base_load(opt: CoupledAdam, original: Any, state_dict: dict[str, Any]) -> N
         params = group["params"]
         group.clear()
         group.update(own, params=params)
+    _take_scheduled_lr(opt.param_groups, saved)
     _normalise_steps(opt)
     logger.info("coupled_ds: took over an AdamW checkpoint's exp_avg / exp_avg_sq for %s; "
                 "hyperparameters come from this run's config", _describe_groups(opt.param_groups))
@@ -210,6 +230,7 @@ def _zero12_universal(zero_opt: Any, original: Any, lp_groups_name: str,
         setattr(zero_opt, lp_groups_name, lp_groups)
     for group, own in zip(groups, options):
         group.update(own)
+    _take_scheduled_lr(groups, saved)
     _normalise_steps(opt)
 
 
@@ -220,6 +241,7 @@ def _stage3_universal(zero_opt: Any, original: Any, checkpoint_dir: str) -> None
     if _is_coupled_checkpoint(saved) and len(saved) == len(opt.param_groups):
         _check_same_settings(opt.param_groups, saved, "DeepSpeed universal checkpoint load")
     original(checkpoint_dir)
+    _take_scheduled_lr(opt.param_groups, saved)
     _normalise_steps(opt)
 
 

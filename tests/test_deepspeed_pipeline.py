@@ -147,8 +147,19 @@ def _pipeline_job(rank: int, job: dict[str, Any]) -> dict[str, Any]:
                             loss_fn=loss_fn, partition_method=job.get("partition", "type:Block"))
     cfg = H.ds_config(job["zero"], world=dp, gas=GAS, clip=job.get("clip", 0.0),
                       **job.get("params", {}))
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
-                                      config=cfg)
+    if job.get("callable"):  # the user's own groups per stage, as the README says
+        hp = cfg.pop("optimizer")["params"]
+
+        def build(params):
+            groups = coupled_param_groups(module, weight_decay=hp["weight_decay"],
+                                          allow_no_embedding=True)
+            return CoupledAdam(groups, lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"])
+
+        engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
+                                          optimizer=build, config=cfg)
+    else:
+        engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
+                                          config=cfg)
     if job.get("no_reduce"):
         H.drop_reduction(engine)
     dp_rank = engine.grid.data_parallel_id
@@ -215,6 +226,8 @@ def test_three_stage_pipelines():
     jobs = [_job("pp3-zero1-tied", stages=3),
             # [embedding] / [block] / [tied head]: 1, 2 and 1 param groups
             _job("pp3-zero1-embedding-alone", stages=3, blocks=1, partition="uniform"),
+            _job("pp3-zero1-embedding-alone-callable", stages=3, blocks=1, partition="uniform",
+                 callable=True),
             # the clipping norm sums every stage's groups (and counts the tied copy once)
             _job("pp3-zero1-embedding-alone-clip", stages=3, blocks=1, partition="uniform",
                  clip=0.05),

@@ -33,6 +33,7 @@ from tests.test_deepspeed_checkpoint import _to_universal  # noqa: E402
 N, K = 8, 4                    # steps in all, AdamW steps before the switch
 SAME_GROUPS = {"zero1": 1, "zero2": 2, "zero3": 3}
 UNIVERSAL = {"zero2-one-group": 2, "zero3-one-group": 3}
+SCHEDULED_LR = 5e-3            # where a schedule left the AdamW run (fast tests)
 
 
 def _adamw_groups(model: torch.nn.Module, one_group: bool) -> list[dict[str, Any]]:
@@ -197,7 +198,7 @@ def test_adamw_checkpoint_into_coupled_adam(tmp_path):
 
 def _adamw_after_steps(one_group: bool) -> tuple[torch.nn.Module, torch.optim.AdamW]:
     model = H.make_model()
-    adamw = torch.optim.AdamW(_adamw_groups(model, one_group), lr=H.HP["lr"], betas=(0.8, 0.9))
+    adamw = torch.optim.AdamW(_adamw_groups(model, one_group), lr=SCHEDULED_LR, betas=(0.8, 0.9))
     for step in range(2):
         adamw.zero_grad()
         model(*H.micro_batch(step, 0, 0)).backward()
@@ -211,14 +212,17 @@ def _coupled(model: torch.nn.Module, **groups: Any) -> CoupledAdam:
 
 
 def test_base_load_takes_over_same_groups_and_keeps_our_options():
-    """What ZeRO 0 and 3 call: CoupledAdam.load_state_dict with an AdamW state dict."""
+    """What ZeRO 0 and 3 call: CoupledAdam.load_state_dict with an AdamW state dict. The
+    scheduled lr continues; every other option is this run's."""
     from coupled_ds.ds_checkpoint import _base_load
 
     model, adamw = _adamw_after_steps(one_group=False)
     opt = _coupled(model, vocab_size=H.REAL_VOCAB)
-    options = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    options = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in opt.param_groups]
     _base_load(opt, opt.load_state_dict, adamw.state_dict())
-    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == options
+    assert [{k: v for k, v in g.items() if k not in ("params", "lr")}
+            for g in opt.param_groups] == options
+    assert [g["lr"] for g in opt.param_groups] == [SCHEDULED_LR] * 3
     for p, state in adamw.state.items():
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(opt.state[p][key], state[key]), key
