@@ -184,7 +184,17 @@ def _run(rank: int, world: int, jobs: list[dict[str, Any]]) -> dict[str, Any]:
     import deepspeed
 
     deepspeed.init_distributed("gloo")  # PipelineModule asks deepspeed.comm for the rank
-    return {job["label"]: _pipeline_job(rank, job) for job in jobs}
+    out = {}
+    for job in jobs:
+        if job.get("expect_error"):
+            try:
+                _pipeline_job(rank, job)
+                out[job["label"]] = ("no error", "")
+            except Exception as err:  # noqa: BLE001 - the test inspects the type
+                out[job["label"]] = (type(err).__name__, str(err))
+        else:
+            out[job["label"]] = _pipeline_job(rank, job)
+    return out
 
 
 def _job(label: str, *, stages: int, dp: int = 1, blocks: int | None = None, tied: bool = True,
@@ -196,6 +206,12 @@ def _job(label: str, *, stages: int, dp: int = 1, blocks: int | None = None, tie
 def _check(by_rank: list[dict[str, Any]], jobs: list[dict[str, Any]]) -> None:
     for job in jobs:
         label = job["label"]
+        if job.get("expect_error"):  # every stage raises the same error, none hangs
+            for out in by_rank:
+                kind, message = out[label]
+                assert kind == "NoEmbeddingFoundError", (label, kind, message)
+                assert "no stage holds" in message and "coupled_params" in message, message
+            continue
         got: dict[str, torch.Tensor] = {}
         for out in by_rank:
             for name, tensor in out[label]["params"].items():
@@ -232,7 +248,9 @@ def test_three_stage_pipelines():
             _job("pp3-zero1-embedding-alone-clip", stages=3, blocks=1, partition="uniform",
                  clip=0.05),
             _job("pp3-zero0-tied", stages=3, zero=0),
-            _job("pp3-zero1-tied-vocab", stages=3, params={"vocab_size": H.REAL_VOCAB})]
+            _job("pp3-zero1-tied-vocab", stages=3, params={"vocab_size": H.REAL_VOCAB}),
+            _job("pp3-nothing-coupled", stages=3, params={"coupled_params": ["no_such_name"]},
+                 expect_error=True)]
     _check(run_on_ranks(3, _run, jobs, env=H.DS_ENV, timeout=240), jobs)
 
 
