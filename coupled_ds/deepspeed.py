@@ -99,6 +99,18 @@ def _decay_split(options: dict[str, Any], params: list[nn.Parameter],
             for members, wd in ((decay, weight_decay), (no_decay, 0.0)) if members]
 
 
+# Options of DeepSpeed's Adam / AdamW that a config switched to CoupledAdam may still carry.
+_ADAM_ONLY = ("torch_adam", "adam_w_mode", "fp32_optimizer_states", "bias_correction", "amsgrad")
+
+
+def _adam_only_hint(unknown: list[str]) -> str:
+    adam_only = [k for k in unknown if k in _ADAM_ONLY]
+    if not adam_only:
+        return ""
+    return (f" {adam_only} choose the implementation of DeepSpeed's Adam/AdamW, which CoupledAdam "
+            "replaces (it has its own kernels): remove them when switching from AdamW.")
+
+
 _NUMBERS = {  # key: (lowest allowed value, strictly above it?, an example)
     "lr": (0.0, False, "3e-4"), "eps": (0.0, False, "1e-8"), "weight_decay": (0.0, False, "0.1"),
     "embedding_weight_decay": (0.0, False, "0.0"), "avg_scale": (0.0, True, "1.0 or 2**-n"),
@@ -178,7 +190,7 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
         raise ValueError(
             f"DeepSpeed config optimizer.params has unknown key(s) {unknown} for type "
             f"{OPTIMIZER_NAME!r}. Accepted keys: {list(ACCEPTED_PARAMS)}. (Gradient clipping is "
-            "the top-level 'gradient_clipping' key.)")
+            "the top-level 'gradient_clipping' key.)" + _adam_only_hint(unknown))
     _validate_params(params)
     names = params.get("coupled_params")
     if any(hasattr(p, "ds_id") for p in module.parameters()):

@@ -59,6 +59,11 @@ def test_betas_must_be_two_numbers(value):
     _raises([f"optimizer.params.betas={value!r}", "two numbers", "[0.9, 0.95]"], betas=value)
 
 
+def test_adamw_only_keys_left_from_a_switch_are_explained():
+    _raises(["'torch_adam'", "'adam_w_mode'", "Accepted keys", "switching from AdamW"],
+            torch_adam=True, adam_w_mode=True)
+
+
 def test_negative_avg_scale_names_the_key():
     _raises(["optimizer.params.avg_scale=-1.0", "> 0.0"], avg_scale=-1.0)
 
