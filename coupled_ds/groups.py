@@ -92,23 +92,21 @@ def find_coupled_parameters(
             with only the output projection).
     """
     params = _named_params(model)
-    if names is not None:
-        patterns = [re.compile(n) for n in names]
-        chosen = [n for n in params if any(p.search(n) for p in patterns)]
-    else:
-        chosen = _detect(model, params, vocab_shape)
-    return [(n, params[n]) for n in chosen]
+    return [(n, params[n]) for n in _choose(model, params, names, vocab_shape)]
+
+
+def _choose(model: nn.Module, params: dict[str, nn.Parameter], names: Sequence[str] | None,
+            vocab_shape: tuple[int, int] | None = None) -> list[str]:
+    if names is None:
+        return _detect(model, params, vocab_shape)
+    patterns = [re.compile(n) for n in names]
+    return [n for n in params if any(p.search(n) for p in patterns)]
 
 
 def _raise_if_frozen(model: nn.Module, names: Sequence[str] | None) -> None:
     """Nothing trainable was found: say so if the embedding is there but frozen."""
     every = dict(model.named_parameters())
-    if names is not None:
-        patterns = [re.compile(n) for n in names]
-        frozen = [n for n, p in every.items() if any(r.search(n) for r in patterns)]
-    else:
-        frozen = _detect(model, every)
-    frozen = [n for n in frozen if not every[n].requires_grad]
+    frozen = [n for n in _choose(model, every, names) if not every[n].requires_grad]
     if frozen:
         shown = ", ".join(f"{n} {tuple(every[n].shape)}" for n in frozen)
         raise NoEmbeddingFoundError(
