@@ -7,7 +7,6 @@ Most cases call :func:`coupled_ds.deepspeed.build_optimizer` directly (what the 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
