@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -45,9 +46,14 @@ ACCEPTED_PARAMS = ("lr", "betas", "eps", "weight_decay", "embedding_weight_decay
 _OFFLOAD_KEY = "zero_force_ds_cpu_optimizer"
 
 
+# Names accepted as cfg["optimizer"]["type"], compared lower-cased as DeepSpeed does: ours, and
+# Megatron's spelling (--optimizer coupled_adam), deliberately, for people who use both.
+ACCEPTED_NAMES = (OPTIMIZER_NAME.lower(), "coupled_adam")
+
+
 def is_coupled_name(name: str | None) -> bool:
     """Whether a config ``optimizer.type`` names Coupled Adam (case-insensitive, as DeepSpeed)."""
-    return isinstance(name, str) and name.lower() == OPTIMIZER_NAME.lower()
+    return isinstance(name, str) and name.lower() in ACCEPTED_NAMES
 
 
 def _param_ids(model_parameters: Iterable[Any]) -> tuple[set[int], list[dict[str, Any]] | None]:
@@ -59,10 +65,12 @@ def _param_ids(model_parameters: Iterable[Any]) -> tuple[set[int], list[dict[str
 
 
 def _split_user_groups(user_groups: list[dict[str, Any]], coupled: list[tuple[str, nn.Parameter]],
-                       embedding_weight_decay: float, vocab_size: int | None
-                       ) -> list[dict[str, Any]]:
+                       embedding_weight_decay: float, vocab_size: int | None,
+                       weight_decay: float) -> list[dict[str, Any]]:
     """Keep the user's groups but move each coupled matrix into a group of its own (ZeRO
-    flattens a group into one buffer; one coupled matrix per buffer keeps its geometry simple)."""
+    flattens a group into one buffer; one coupled matrix per buffer keeps its geometry simple).
+    A group that sets no ``weight_decay`` (DeepSpeed's own MoE split of ``model.parameters()``
+    into dense and expert groups) gets the usual decay / no-decay split."""
     names = {id(p): n for n, p in coupled}
     groups = []
     for user_group in user_groups:
@@ -74,9 +82,94 @@ def _split_user_groups(user_groups: list[dict[str, Any]], coupled: list[tuple[st
                                "coupled_names": [names[id(p)]], "vocab_size": vocab_size,
                                "weight_decay": embedding_weight_decay})
         rest = [p for p in params if id(p) not in names]
-        if rest:
-            groups.append({**options, "params": rest})
+        groups += _decay_split(options, rest, weight_decay)
     return groups
+
+
+def _decay_split(options: dict[str, Any], params: list[nn.Parameter],
+                 weight_decay: float) -> list[dict[str, Any]]:
+    """One group as given if it sets ``weight_decay``; else matrices with ``weight_decay`` and
+    1-D tensors (biases, norms, expert biases) without, each keeping the group's other options
+    (``moe`` and ``name`` for DeepSpeed's expert groups)."""
+    if "weight_decay" in options:
+        return [{**options, "params": params}] if params else []
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [{**options, "params": members, "weight_decay": wd}
+            for members, wd in ((decay, weight_decay), (no_decay, 0.0)) if members]
+
+
+# Options of DeepSpeed's Adam / AdamW that a config switched to CoupledAdam may still carry.
+_ADAM_ONLY = ("torch_adam", "adam_w_mode", "fp32_optimizer_states", "bias_correction", "amsgrad")
+
+
+def _adam_only_hint(unknown: list[str]) -> str:
+    adam_only = [k for k in unknown if k in _ADAM_ONLY]
+    if not adam_only:
+        return ""
+    return (f" {adam_only} choose the implementation of DeepSpeed's Adam/AdamW, which CoupledAdam "
+            "replaces (it has its own kernels): remove them when switching from AdamW.")
+
+
+_NUMBERS = {  # key: (lowest allowed value, strictly above it?, an example)
+    "lr": (0.0, False, "3e-4"), "eps": (0.0, False, "1e-8"), "weight_decay": (0.0, False, "0.1"),
+    "embedding_weight_decay": (0.0, False, "0.0"), "avg_scale": (0.0, True, "1.0 or 2**-n"),
+}
+
+
+def _config_error(key: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"DeepSpeed config optimizer.params.{key}={value!r} "
+                      f"({type(value).__name__}): {expected}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _validate_params(params: Mapping[str, Any]) -> None:
+    """Type and range of every ``cfg["optimizer"]["params"]`` value, before anything is built.
+
+    Raises:
+        ValueError: Naming the key, the value and what to write instead.
+    """
+    for key, (low, strict, example) in _NUMBERS.items():
+        if key not in params:
+            continue
+        value = params[key]
+        if not _is_number(value) or not (value > low if strict else value >= low):
+            bound = f"> {low}" if strict else f">= {low}"
+            hint = (" Write a JSON number, not a string." if isinstance(value, str) else "")
+            if value == "auto":
+                hint = (" 'auto' is filled in by Hugging Face's Trainer / Accelerate only; "
+                        "outside them write the number.")
+            raise _config_error(key, value, f"expected a number {bound}, e.g. {example}.{hint}")
+    vocab_size = params.get("vocab_size")
+    if vocab_size is not None and (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)
+                                   or vocab_size <= 0):
+        raise _config_error("vocab_size", vocab_size,
+                            "expected a positive int, the real vocabulary size (rows at or "
+                            "beyond it are padding, left out of the column mean), e.g. 50257; "
+                            "leave the key out to count every row.")
+    betas = params.get("betas")
+    if betas is not None and (isinstance(betas, str) or not isinstance(betas, list | tuple)
+                              or len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1
+                                                            for b in betas)):
+        raise _config_error("betas", betas, "expected a list of two numbers in [0, 1), "
+                            "e.g. [0.9, 0.95].")
+    names = params.get("coupled_params")
+    if names is None:
+        return
+    if isinstance(names, str) or not isinstance(names, list | tuple) or not all(
+            isinstance(n, str) for n in names):
+        raise _config_error("coupled_params", names, "must be a list of regex strings over "
+                            "parameter names, e.g. ['embed', 'lm_head'].")
+    for pattern in names:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise _config_error("coupled_params", names, f"{pattern!r} is not a valid regular "
+                                f"expression ({err}); escape special characters, e.g. "
+                                f"{re.escape(pattern)!r}.") from err
 
 
 def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
@@ -97,11 +190,9 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
         raise ValueError(
             f"DeepSpeed config optimizer.params has unknown key(s) {unknown} for type "
             f"{OPTIMIZER_NAME!r}. Accepted keys: {list(ACCEPTED_PARAMS)}. (Gradient clipping is "
-            "the top-level 'gradient_clipping' key.)")
+            "the top-level 'gradient_clipping' key.)" + _adam_only_hint(unknown))
+    _validate_params(params)
     names = params.get("coupled_params")
-    if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
-        raise ValueError(f"DeepSpeed config optimizer.params.coupled_params={names!r} must be a "
-                         "list of regex strings over parameter names, e.g. ['embed', 'lm_head'].")
     if any(hasattr(p, "ds_id") for p in module.parameters()):
         raise ValueError(
             f"DeepSpeed optimizer {OPTIMIZER_NAME!r}: the model was built under "
@@ -116,16 +207,21 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
     tp_vocab = vocab_size is not None and any(getattr(p, "tensor_model_parallel", False)
                                               for p in module.parameters())
     given_ids, user_groups = _param_ids(model_parameters)
+    pipe_group, vocab_shape = _pipeline_stage(module, names)
     vocab_size, global_vocab_size = (None, vocab_size) if tp_vocab else (vocab_size, None)
     try:
         if user_groups is None:
             groups = coupled_param_groups(module, weight_decay=weight_decay,
                                           embedding_weight_decay=embedding_wd, names=names,
-                                          vocab_size=vocab_size, avg_scale=params.get("avg_scale"))
+                                          vocab_size=vocab_size, avg_scale=params.get("avg_scale"),
+                                          allow_no_embedding=pipe_group is not None,
+                                          vocab_shape=vocab_shape)
         else:
-            coupled = find_coupled_parameters(module, names=names)
-            coupled_param_groups(module, names=names, vocab_size=vocab_size)  # same checks
-            groups = _split_user_groups(user_groups, coupled, embedding_wd, vocab_size)
+            coupled = find_coupled_parameters(module, names=names, vocab_shape=vocab_shape)
+            coupled_param_groups(module, names=names, vocab_size=vocab_size,  # same checks
+                                 allow_no_embedding=pipe_group is not None, vocab_shape=vocab_shape)
+            groups = _split_user_groups(user_groups, coupled, embedding_wd, vocab_size,
+                                        weight_decay)
     except NoEmbeddingFoundError as err:
         raise NoEmbeddingFoundError(
             f"DeepSpeed optimizer {OPTIMIZER_NAME!r}: {err} In the DeepSpeed config this is "
@@ -135,7 +231,7 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
                          f"(optimizer.params.coupled_params={names!r}): {err}") from err
     groups = [{**g, "params": [p for p in g["params"] if id(p) in given_ids]} for g in groups]
     groups = [g for g in groups if g["params"]]
-    if not any(g.get("coupled") for g in groups):
+    if not any(g.get("coupled") for g in groups) and pipe_group is None:
         raise NoEmbeddingFoundError(
             f"DeepSpeed optimizer {OPTIMIZER_NAME!r}: the coupled matrices are not among the "
             "model_parameters given to deepspeed.initialize (frozen?). Pass "
@@ -148,6 +244,20 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
         if group["coupled"] and global_vocab_size is not None:
             group["vocab_size"] = global_vocab_size
     return optimizer
+
+
+def _pipeline_stage(module: nn.Module, names: list[str] | None
+                    ) -> tuple[Any, tuple[int, int] | None]:
+    """For a stage of a ``deepspeed.pipe.PipelineModule``: its pipe-parallel group, and the
+    token embedding's [V, H] from whichever stage holds it (a collective; every stage builds its
+    optimizer here). A stage may hold no embedding; that some stage does is checked together in
+    :func:`coupled_ds.zero.attach_geometry`."""
+    from coupled_ds import zero
+
+    group = zero.pipeline_group(module)
+    if group is None:
+        return None, None
+    return group, zero.pipeline_vocab_shape(module, group) if names is None else None
 
 
 # ---------------------------------------------------------------------- engine patches
@@ -192,9 +302,10 @@ def _configure_optimizer(original, engine, client_optimizer, model_parameters):
 
     original(engine, client_optimizer, model_parameters)
     if coupled or isinstance(engine.basic_optimizer, CoupledAdam):
-        from coupled_ds import zero
+        from coupled_ds import ds_checkpoint, zero
 
         zero.attach_geometry(engine)
+        ds_checkpoint.guard_checkpoint_loads(engine)
 
 
 def register() -> None:
@@ -203,8 +314,9 @@ def register() -> None:
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.zero import utils as zero_utils
 
-    if OPTIMIZER_NAME.lower() not in ds_config.DEEPSPEED_OPTIMIZERS:
-        ds_config.DEEPSPEED_OPTIMIZERS.append(OPTIMIZER_NAME.lower())  # engine holds the same list
+    for name in ACCEPTED_NAMES:
+        if name not in ds_config.DEEPSPEED_OPTIMIZERS:
+            ds_config.DEEPSPEED_OPTIMIZERS.append(name)  # the engine holds the same list
     if CoupledAdam not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
         zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(CoupledAdam)
     _patch(DeepSpeedEngine, "_configure_basic_optimizer", _configure_basic_optimizer)

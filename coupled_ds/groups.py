@@ -27,8 +27,24 @@ def _named_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _detect(model: nn.Module, params: dict[str, nn.Parameter]) -> list[str]:
-    """Names of token-embedding and vocabulary-output matrices, by module type and shape."""
+def _token_embeddings(model: nn.Module) -> list[nn.Embedding]:
+    return [m for name, m in model.named_modules()
+            if isinstance(m, nn.Embedding) and not _POSITIONAL.search(name)]
+
+
+def token_embedding_shape(model: nn.Module) -> tuple[int, int] | None:
+    """[V, H] of the largest token embedding in ``model`` (frozen or not), or None."""
+    shapes = [tuple(m.weight.shape) for m in _token_embeddings(model)]
+    return max(shapes) if shapes else None
+
+
+def _detect(model: nn.Module, params: dict[str, nn.Parameter],
+            vocab_shape: tuple[int, int] | None = None) -> list[str]:
+    """Names of token-embedding and vocabulary-output matrices, by module type and shape.
+
+    ``vocab_shape`` is the [V, H] of the token embedding where ``model`` does not hold one (a
+    pipeline stage with only the output layer), so that the output projection is still found.
+    """
     by_id = {id(p): n for n, p in params.items()}
     chosen: list[str] = []
 
@@ -40,13 +56,12 @@ def _detect(model: nn.Module, params: dict[str, nn.Parameter]) -> list[str]:
     for p in params.values():
         if getattr(p, "is_embedding_or_output_parameter", False) and p.dim() == 2:
             take(p)
-    embeddings = [
-        (name, m) for name, m in model.named_modules()
-        if isinstance(m, nn.Embedding) and not _POSITIONAL.search(name)
-    ]
-    vocab_rows = max((m.weight.shape[0] for _, m in embeddings), default=None)
-    hidden = {m.weight.shape[1] for _, m in embeddings if m.weight.shape[0] == vocab_rows}
-    for _, m in embeddings:
+    embeddings = _token_embeddings(model)
+    vocab_rows = max((m.weight.shape[0] for m in embeddings), default=None)
+    hidden = {m.weight.shape[1] for m in embeddings if m.weight.shape[0] == vocab_rows}
+    if vocab_rows is None and vocab_shape is not None:
+        vocab_rows, hidden = vocab_shape[0], {vocab_shape[1]}
+    for m in embeddings:
         if m.weight.shape[0] == vocab_rows:
             take(m.weight)
     if vocab_rows is not None:
@@ -62,6 +77,7 @@ def find_coupled_parameters(
     model: nn.Module,
     *,
     names: Sequence[str] | None = None,
+    vocab_shape: tuple[int, int] | None = None,
 ) -> list[tuple[str, nn.Parameter]]:
     """The (name, parameter) pairs Coupled Adam should couple.
 
@@ -72,14 +88,32 @@ def find_coupled_parameters(
     Args:
         model: The model.
         names: Regexes over parameter names (``re.search``); when given, they alone decide.
+        vocab_shape: [V, H] of the token embedding when ``model`` holds none (a pipeline stage
+            with only the output projection).
     """
     params = _named_params(model)
-    if names is not None:
-        patterns = [re.compile(n) for n in names]
-        chosen = [n for n in params if any(p.search(n) for p in patterns)]
-    else:
-        chosen = _detect(model, params)
-    return [(n, params[n]) for n in chosen]
+    return [(n, params[n]) for n in _choose(model, params, names, vocab_shape)]
+
+
+def _choose(model: nn.Module, params: dict[str, nn.Parameter], names: Sequence[str] | None,
+            vocab_shape: tuple[int, int] | None = None) -> list[str]:
+    if names is None:
+        return _detect(model, params, vocab_shape)
+    patterns = [re.compile(n) for n in names]
+    return [n for n in params if any(p.search(n) for p in patterns)]
+
+
+def _raise_if_frozen(model: nn.Module, names: Sequence[str] | None) -> None:
+    """Nothing trainable was found: say so if the embedding is there but frozen."""
+    every = dict(model.named_parameters())
+    frozen = [n for n in _choose(model, every, names) if not every[n].requires_grad]
+    if frozen:
+        shown = ", ".join(f"{n} {tuple(every[n].shape)}" for n in frozen)
+        raise NoEmbeddingFoundError(
+            f"coupled_param_groups: the embedding matrices {shown} are frozen "
+            "(requires_grad=False), so there is nothing to couple. Unfreeze them "
+            "(p.requires_grad_(True)) to train them with Coupled Adam, or pass "
+            "allow_no_embedding=True to train the rest with plain AdamW.")
 
 
 def coupled_param_groups(
@@ -91,6 +125,7 @@ def coupled_param_groups(
     vocab_size: int | None = None,
     avg_scale: float | None = None,
     allow_no_embedding: bool = False,
+    vocab_shape: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Param groups for :class:`~coupled_ds.CoupledAdam`: coupled, decay and no-decay.
 
@@ -107,13 +142,16 @@ def coupled_param_groups(
             column mean. Default: every row counts.
         avg_scale: ``avg_scale`` of the coupled groups (default: the optimizer's).
         allow_no_embedding: Return plain AdamW groups instead of raising when nothing is found.
+        vocab_shape: [V, H] of the token embedding when ``model`` holds none (see
+            :func:`find_coupled_parameters`).
 
     Raises:
         NoEmbeddingFoundError: Nothing matched and ``allow_no_embedding`` is False.
         ValueError: A selected parameter is not 2-D, or ``vocab_size`` exceeds its rows.
     """
-    coupled = find_coupled_parameters(model, names=names)
+    coupled = find_coupled_parameters(model, names=names, vocab_shape=vocab_shape)
     if not coupled and not allow_no_embedding:
+        _raise_if_frozen(model, names)
         how = f"names={list(names)!r} matched no parameter" if names is not None else (
             "no nn.Embedding, output projection or is_embedding_or_output_parameter was found")
         raise NoEmbeddingFoundError(

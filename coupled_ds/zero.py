@@ -33,7 +33,7 @@ import torch.distributed as dist
 from coupled_ds.geometry import ShardGeometry
 from coupled_ds.optimizer import CoupledAdam
 
-__all__ = ["attach_geometry"]
+__all__ = ["attach_geometry", "pipeline_group", "pipeline_vocab_shape"]
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +241,85 @@ def attach_geometry(engine: Any) -> None:
     else:
         raise ValueError(f"coupled_ds: DeepSpeed wrapped CoupledAdam in {type(wrapper).__name__}, "
                          "for which no geometry adapter exists; refusing to train uncoupled.")
+    _check_pipeline(engine, opt, wrapper)
     if dist.get_rank() == 0:
         logger.info("coupled_ds: CoupledAdam under DeepSpeed %s; %s", how,
                     "; ".join(lines) or "no coupled matrix")
+
+
+# ---------------------------------------------------------------------- pipeline parallelism
+# A deepspeed.pipe.PipelineModule stage holds only its own layers: the first stage the token
+# embedding, middle stages none, the last stage the output layer (a tied copy of the embedding,
+# whose gradient DeepSpeed all-reduces with the first stage's before the step, or an untied
+# projection). Each stage couples what it holds over its own data-parallel group; a tied copy
+# steps exactly like the original because it has the same gradient and state.
+def pipeline_group(module: Any) -> dist.ProcessGroup | None:
+    """The pipe-parallel group of a ``PipelineModule`` stage with more than one stage, else None."""
+    from deepspeed.pipe import PipelineModule
+
+    if not isinstance(module, PipelineModule) or module._grid.pipe_parallel_size < 2:
+        return None
+    return module._grid.get_pipe_parallel_group()
+
+
+def pipeline_vocab_shape(module: Any, group: dist.ProcessGroup) -> tuple[int, int] | None:
+    """[V, H] of the token embedding held by some stage of the pipeline (a collective over the
+    pipe-parallel group: every stage calls it), so a stage with only the output projection can
+    detect it."""
+    from coupled_ds.groups import token_embedding_shape
+
+    shape = torch.tensor(token_embedding_shape(module) or (0, 0), dtype=torch.int64)
+    dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=group)
+    return (int(shape[0]), int(shape[1])) if shape[0] > 0 else None
+
+
+def _check_pipeline(engine: Any, opt: CoupledAdam, wrapper: Any) -> None:
+    """Every stage decides together: some stage couples a matrix (else all raise), and every
+    stage enters ZeRO 1's per-group gradient-norm collectives equally often."""
+    from coupled_ds.groups import NoEmbeddingFoundError
+
+    group = pipeline_group(engine.module)
+    if group is None:
+        return
+    coupled = torch.tensor(sum(bool(g["coupled"]) for g in opt.param_groups), dtype=torch.int64)
+    dist.all_reduce(coupled, group=group)
+    if int(coupled) == 0:
+        raise NoEmbeddingFoundError(
+            "CoupledAdam under DeepSpeed pipeline parallelism: no stage holds a token embedding "
+            "or output projection. Name them with optimizer.params.coupled_params=[regex, ...].")
+    if dist.get_rank() == 0:
+        logger.info("coupled_ds: pipeline of %d stages; %d coupled matrices over all stages (a "
+                    "tied copy on the last stage counts again; stages without one train as AdamW)",
+                    dist.get_world_size(group), int(coupled))
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(wrapper, DeepSpeedZeroOptimizer):
+        _balance_norm_collectives(wrapper)
+
+
+def _balance_norm_collectives(zero_opt: Any) -> None:
+    """ZeRO 1/2 computes the gradient norm group by group, each with an all-reduce over the
+    model-parallel group (all pipeline stages). Stages with fewer param groups (a middle stage
+    has no coupled group) would stop early and the others wait forever. A stage with fewer groups
+    adds all-reduces of an empty group's zero; the norm is the same on every stage, because the
+    groups' squared norms are summed in the end and which groups share an all-reduce does not
+    change the sum.
+    """
+    from deepspeed.runtime.utils import combine_grad_norm_groups
+
+    group = zero_opt.model_parallel_group
+    if group is None or dist.get_world_size(group) < 2:
+        return
+    count = torch.tensor(len(zero_opt.bit16_groups), dtype=torch.int64)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    missing = int(count) - len(zero_opt.bit16_groups)
+    if missing == 0:
+        return
+    original = zero_opt.scaled_global_norm
+
+    def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
+        norm = original(norm_type)
+        empty = [zero_opt.get_grad_norm_direct([], [], norm_type) for _ in range(missing)]
+        return combine_grad_norm_groups([norm, *empty], norm_type=norm_type)
+
+    zero_opt.scaled_global_norm = scaled_global_norm
