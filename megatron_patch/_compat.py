@@ -218,6 +218,17 @@ def _distributed_inner_tensors(optimizer) -> Iterator[InnerTensor]:
                 yield InnerTensor(None, model_param, 0, 0, buffer.data_parallel_group)
 
 
+def is_dense_call(arguments: dict[str, Any]) -> bool:
+    """Whether this factory call builds the dense (non-expert) optimizer.
+
+    ``get_megatron_optimizer`` calls the factory once for the dense parameters on every rank
+    (twice only with overlap_param_gather_with_optimizer_step, which coupled_adam refuses) and
+    once more, only where expert-parallel parameters exist, with groups marked
+    ``is_expert_parallel``: the dense call is the one every rank makes.
+    """
+    return not any(group.get("is_expert_parallel", False) for group in arguments["param_groups"])
+
+
 def refuse_unsupported(config, model_chunks) -> None:
     """Raise UnsupportedMegatronError naming the first unsupported flag."""
     checks = [

@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from coupled_ds import CoupledAdam
 
 from megatron_patch import _compat
-from megatron_patch.geometry import is_coupled_parameter, shard_geometry
+from megatron_patch.geometry import MARKERS, is_coupled_parameter, shard_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,10 @@ class MegatronCoupledAdam(CoupledAdam):
         """Step ``tensor`` with Coupled Adam; ``geometry`` says where it sits in its matrix."""
         self.set_geometry(tensor, geometry)
         self._coupled[tensor] = geometry.key
+
+    def coupled_names(self) -> set[str]:
+        """Keys (``chunk:parameter name``) of the coupled tensors on this rank."""
+        return set(self._coupled.values()) | {g.key for g, _ in self._empty_pieces}
 
     def initialize_state(self, p: torch.Tensor) -> None:
         """Create ``step``/``exp_avg``/``exp_avg_sq`` (Megatron's init_state_fn calls this)."""
@@ -168,15 +172,45 @@ def _is_float8(param) -> bool:
     return is_float8tensor(param)
 
 
-def _log_summary(wrapper: str, found: int, inner: MegatronCoupledAdam) -> None:
+def _log_summary(wrapper: str, found: int, found_everywhere: int,
+                 inner: MegatronCoupledAdam | None) -> None:
     """One line on global rank 0 at setup."""
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        vocab = "all rows" if inner.vocab_size is None else f"first {inner.vocab_size} rows"
-        logger.info("coupled_adam: %d vocabulary matrix piece(s) on rank 0 coupled inside %s "
-                    "(column means over %s, avg_scale %s)", found, wrapper, vocab,
-                    inner.defaults["avg_scale"])
+    if inner is None or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    vocab = "all rows" if inner.vocab_size is None else f"first {inner.vocab_size} rows"
+    logger.info("coupled_adam: %d vocabulary matrix piece(s) coupled on all ranks, %d on rank 0 "
+                "(%s) inside %s; column means over %s, avg_scale %s", found_everywhere, found,
+                ", ".join(sorted(inner.coupled_names())) or "none", wrapper, vocab,
+                inner.defaults["avg_scale"])
+
+
+def check_coupled_somewhere(found: int) -> int:
+    """Sum ``found`` over every rank (one all-reduce); raise on every rank if it is 0.
+
+    Per rank, 0 is legitimate (a middle pipeline stage holds no vocabulary matrix); on all ranks
+    together it means the model carries none of the markers and every parameter would be stepped
+    with plain AdamW.
+    """
+    import torch.distributed as dist
+
+    total = found
+    if dist.is_initialized():
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if dist.get_backend() == "nccl" else torch.device("cpu"))
+        count = torch.tensor([found], dtype=torch.int64, device=device)
+        dist.all_reduce(count)
+        total = int(count.item())
+    if total == 0:
+        raise ValueError(
+            "optimizer='coupled_adam' found no vocabulary matrix on any rank, so every parameter "
+            "would be stepped with plain AdamW. Megatron's LanguageModule marks them; a custom "
+            "model must set one of the attributes " + " / ".join(MARKERS) + " to True on its "
+            "embedding and output weights (e.g. model.embedding.word_embeddings.weight."
+            "is_embedding_or_output_parameter = True; shared_embedding on a copy kept in step "
+            "with another stage's), or use optimizer='adam'.")
+    return total
 
 
 def make_factory(original):
@@ -194,10 +228,13 @@ def make_factory(original):
         inner = build_inner(config, arguments["param_groups"])
         optimizer = _compat.wrap_like_megatron(inner, _init_state_fn if inner else None,
                                                **arguments)
+        found = 0
         if inner is not None:
             tp_group = _compat.tensor_parallel_group(arguments.get("pg_collection"))
             found = attach_geometries(optimizer, inner, arguments["model_chunks"], tp_group)
-            _log_summary(type(optimizer).__name__, found, inner)
+        if _compat.is_dense_call(arguments):  # every rank makes this call exactly once
+            total = check_coupled_somewhere(found)
+            _log_summary(type(optimizer).__name__, found, total, inner)
         return optimizer
 
     _get_megatron_optimizer_based_on_param_groups.__wrapped__ = original

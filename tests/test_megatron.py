@@ -26,7 +26,14 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 from coupled_ds import CoupledAdam  # noqa: E402
 from tests.dist import run_on_ranks  # noqa: E402
 from tests.reference import coupled_adam_reference  # noqa: E402
-from tests.megatron_harness import HP, V_REAL, RunSpec, assemble, run_specs  # noqa: E402
+from tests.megatron_harness import (  # noqa: E402
+    HP,
+    V_REAL,
+    RunSpec,
+    assemble,
+    is_vocab,
+    run_specs,
+)
 
 COUPLED = ("embedding.word_embeddings.weight", "output_layer.weight")
 TOL = 1e-5          # relative, acceptance bound
@@ -60,6 +67,14 @@ TWO_RANKS = {
     "ckpt_tp1_dp2_distopt_one_bucket_te_step_path": RunSpec(tp=1, distopt=True, checkpoint_at=10,
                                                  te_step_path=True),
     "pp2_dp1_tied_distopt": RunSpec(tp=1, pp=2, distopt=True, synthetic=True),
+    # megatron-core's GPTModel with one MTP layer: the last stage holds a copy of the word
+    # embedding (marked shared_embedding only) besides the output layer.
+    "mtp_pp2_untied_distopt": RunSpec(tp=1, pp=2, distopt=True, model="gpt_mtp", synthetic=True,
+                                      steps=10),
+    "mtp_pp2_tied_fp32": RunSpec(tp=1, pp=2, distopt=False, model="gpt_mtp", tied=True,
+                                 synthetic=True, steps=10),
+    "neg_mtp_pp2_untied_legacy_markers": RunSpec(tp=1, pp=2, distopt=True, model="gpt_mtp",
+                                                 synthetic=True, steps=10, legacy_markers=True),
 }
 FOUR_RANKS = {
     "tp2_dp2_distopt_one_bucket": RunSpec(tp=2, distopt=True),
@@ -78,6 +93,10 @@ FOUR_RANKS = {
     "pp2_dp2_tied_distopt_midrow": RunSpec(tp=1, pp=2, distopt=True, bucket_size=1,
                                            synthetic=True),
     "pp2_tp2_tied_bf16": RunSpec(tp=2, pp=2, distopt=False, precision="bf16", synthetic=True),
+    "pp4_tied_fp32": RunSpec(tp=1, pp=4, distopt=False, synthetic=True, steps=5),
+    "mtp_pp2_dp2_tied_distopt_midrow": RunSpec(tp=1, pp=2, distopt=True, bucket_size=1,
+                                               model="gpt_mtp", tied=True, synthetic=True,
+                                               steps=10),
 }
 EQUIVALENCE = [n for n in [*TWO_RANKS, *FOUR_RANKS] if not n.startswith("neg_")]
 
@@ -88,13 +107,13 @@ def _run(world: int, specs: dict[str, RunSpec], extra=()) -> dict:
                            timeout=600)
     out = {name: [by_rank[r][i] for r in range(world)] for i, name in enumerate(names)}
     for j, label in enumerate(extra):
-        out[label] = by_rank[0][len(names) + j]
+        out[label] = [by_rank[r][len(names) + j] for r in range(world)]
     return out
 
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    out = _run(2, TWO_RANKS, extra=("refusals",))
+    out = _run(2, TWO_RANKS, extra=("refusals", "unmarked"))
     out.update(_run(4, FOUR_RANKS))
     return out
 
@@ -108,19 +127,19 @@ def _reference(per_rank: list[dict], spec: RunSpec, *, float64: bool = False
     """Single-process replay on the gathered full matrices with the gradients the run saw:
     CoupledAdam (or the float64 ten-line reference) on each whole [V_pad, H] vocabulary
     matrix, torch.optim.AdamW on every other parameter."""
-    init = assemble(per_rank, "initial", spec.v_pad, spec.tp)
-    grads = [assemble(per_rank, "grads", spec.v_pad, spec.tp, step=s) for s in range(spec.steps)]
+    init = assemble(per_rank, "initial")
+    grads = [assemble(per_rank, "grads", step=s) for s in range(spec.steps)]
     hyper = dict(lr=HP["lr"], betas=(HP["adam_beta1"], HP["adam_beta2"]), eps=HP["adam_eps"],
                  weight_decay=HP["weight_decay"])
     vocab_size = None if spec.count_padded else V_REAL
     out = {}
     for name, p0 in init.items():
         steps = [g[name] for g in grads]
-        if name in COUPLED and float64:
+        if is_vocab(name) and float64:
             out[name] = coupled_adam_reference(p0, steps, **hyper, vocab_size=vocab_size).float()
             continue
         p = torch.nn.Parameter(p0.clone())
-        if name in COUPLED:
+        if is_vocab(name):
             opt = CoupledAdam([{"params": [p], "coupled": True, "vocab_size": vocab_size}],
                               **hyper)
         else:
@@ -134,7 +153,7 @@ def _reference(per_rank: list[dict], spec: RunSpec, *, float64: bool = False
 
 def _rel_errors(per_rank: list[dict], spec: RunSpec, *, float64: bool = False
                 ) -> dict[str, float]:
-    got = assemble(per_rank, "final", spec.v_pad, spec.tp)
+    got = assemble(per_rank, "final")
     ref = _reference(per_rank, spec, float64=float64)
     assert got.keys() == ref.keys()
     return {k: ((got[k] - ref[k]).abs().max() / ref[k].abs().max()).item() for k in got}
@@ -145,8 +164,8 @@ def _rel_errors(per_rank: list[dict], spec: RunSpec, *, float64: bool = False
 def test_matches_single_process(results, name):
     errors = _rel_errors(results[name], _spec(name))
     errors64 = _rel_errors(results[name], _spec(name), float64=True)
-    print("EQUIV", name, max(errors[k] for k in errors if k in COUPLED),
-          max([errors[k] for k in errors if k not in COUPLED]), max(errors64.values()))
+    print("EQUIV", name, max(errors[k] for k in errors if is_vocab(k)),
+          max([errors[k] for k in errors if not is_vocab(k)]), max(errors64.values()))
     assert max(errors.values()) <= TOL, errors
     assert max(errors64.values()) <= TOL, errors64
 
@@ -154,11 +173,13 @@ def test_matches_single_process(results, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in [*TWO_RANKS, *FOUR_RANKS] if n.startswith("neg_")])
 def test_without_a_reduction_the_result_differs(results, name):
-    """Negative control: dropping the TP or the DP all-reduce must break the equivalence."""
+    """Negative controls: dropping the TP or the DP all-reduce, or coupling by
+    is_embedding_or_output_parameter alone (the MTP copy then steps with AdamW), must break the
+    equivalence."""
     errors = _rel_errors(results[name], _spec(name))
-    print("NEG", name, max(errors[k] for k in COUPLED if k in errors))
-    assert max(errors[k] for k in COUPLED if k in errors) > 1e-3, errors
-    assert max(v for k, v in errors.items() if k not in COUPLED) <= TOL, errors
+    print("NEG", name, max(v for k, v in errors.items() if is_vocab(k)))
+    assert max(v for k, v in errors.items() if is_vocab(k)) > 1e-3, errors
+    assert max(v for k, v in errors.items() if not is_vocab(k)) <= TOL, errors
 
 
 @pytest.mark.slow
@@ -182,8 +203,7 @@ def test_padded_rows_left_out_make_tp_degree_irrelevant(results):
     """Same gradients per global element: TP=1 with V_pad=40 and TP=2 with V_pad=48 agree on
     the real rows; counting the padded rows (a flag) makes them differ."""
     def real_rows(name):
-        spec = _spec(name)
-        return assemble(results[name], "final", spec.v_pad, spec.tp)[COUPLED[0]][:V_REAL]
+        return assemble(results[name], "final")[COUPLED[0]][:V_REAL]
 
     tp1, tp2 = real_rows("synthetic_tp1_v40"), real_rows("synthetic_tp2_v48")
     same = ((tp1 - tp2).abs().max() / tp1.abs().max()).item()
@@ -196,14 +216,17 @@ def test_padded_rows_left_out_make_tp_degree_irrelevant(results):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in [*TWO_RANKS, *FOUR_RANKS] if n.startswith("pp2_")])
-def test_tied_copies_on_first_and_last_stage_step_identically(results, name):
-    """PP=2, tied: stage 0's embedding and the last stage's output-layer copy get the same
-    gradients (as after Megatron's embedding-group all-reduce), sit in different DP shard
-    layouts, each reduces over its own groups, and still end equal."""
+@pytest.mark.parametrize("name", [n for n in [*TWO_RANKS, *FOUR_RANKS]
+                                  if n.startswith(("pp", "mtp_"))])
+def test_copies_on_first_and_last_stage_step_identically(results, name):
+    """PP>1: stage 0's embedding and the last stage's copy of it (the tied output layer, or
+    the MTP layer's word embedding) get the same gradients (as after Megatron's embedding-group
+    all-reduce), sit in different DP shard layouts, each reduces over its own groups, and still
+    end equal. Middle stages (PP=4) hold no vocabulary matrix and do not raise."""
     spec = _spec(name)
-    final = assemble(results[name], "final", spec.v_pad, spec.tp)
-    first, last = final[COUPLED[0]], final[COUPLED[1]]
+    final = assemble(results[name], "final")
+    copy = "embedding.word_embeddings.weight" if spec.model == "gpt_mtp" else COUPLED[1]
+    first, last = final[f"s0/{COUPLED[0]}"], final[f"s{spec.pp - 1}/{copy}"]
     err = ((first - last).abs().max() / first.abs().max()).item()
     print("PP", name, err)
     assert err <= 1e-6, err
@@ -220,8 +243,8 @@ def test_checkpoint_round_trip_continues_the_trajectory(results, name):
     its issue #504.)"""
     spec = _spec(name)
     plain = name.removeprefix("ckpt_").removesuffix("_te_step_path")
-    got = assemble(results[name], "final", spec.v_pad, spec.tp)
-    want = assemble(results[plain], "final", spec.v_pad, spec.tp)
+    got = assemble(results[name], "final")
+    want = assemble(results[plain], "final")
     for key in want:
         err = ((got[key] - want[key]).abs().max() / want[key].abs().max()).item()
         print("CKPT", name, key, err)
@@ -230,9 +253,21 @@ def test_checkpoint_round_trip_continues_the_trajectory(results, name):
 
 @pytest.mark.slow
 def test_unsupported_combinations_raise_naming_the_flag(results):
-    for flag, message in results["refusals"].items():
+    for flag, message in results["refusals"][0].items():
         assert message.startswith("UnsupportedMegatronError") and flag.split("=")[0] in message, \
             (flag, message)
+
+
+@pytest.mark.slow
+def test_a_model_with_no_marked_matrix_raises_on_every_rank(results):
+    """A custom model without markers would train as AdamW: every rank raises at
+    get_megatron_optimizer, naming the attributes to set."""
+    from megatron_patch.geometry import MARKERS
+
+    messages = results["unmarked"]
+    assert len(messages) == 2
+    for message in messages:
+        assert message.startswith("ValueError") and all(m in message for m in MARKERS), message
 
 
 # ----------------------------------------------------------------- single process, no ranks
