@@ -1,14 +1,14 @@
 """megatron-core side: ``OptimizerConfig(optimizer="coupled_adam")`` in ``get_megatron_optimizer``.
 
-The inner optimizer is one :class:`MegatronCoupledAdam` per Megatron optimizer, holding Megatron's
-own param groups unchanged (so checkpoints match the ``adam`` path group for group). Parameters
-marked ``is_embedding_or_output_parameter`` are stepped with Coupled Adam, everything else with
-torch's AdamW functional, exactly as Megatron's torch fallback ``torch.optim.AdamW`` would
-(with TransformerEngine installed Megatron's own path is TE's FusedAdam: the same update, another
-kernel). Megatron's wrappers are built around it as 0.16 builds them (DistributedOptimizer as a
-subclass that only changes how checkpoint loading restores ``step``, see
-:func:`_compat.coupled_distributed_optimizer_class`; Float16OptimizerWithFloat16Params and
-FP32Optimizer unchanged); afterwards every coupled inner tensor gets a ShardGeometry.
+The inner optimizer is one :class:`MegatronCoupledAdam` per Megatron optimizer. Megatron builds
+its own ``adam`` optimizer (inner AdamW inside DistributedOptimizer,
+Float16OptimizerWithFloat16Params or FP32Optimizer); ours then takes the AdamW's place over the
+very param groups the wrapper gave it (so checkpoints match the ``adam`` path group for group),
+see :func:`_compat.replace_inner`. Copies of a vocabulary matrix (:func:`is_coupled_parameter`)
+are stepped with Coupled Adam, everything else with torch's AdamW functional, exactly as
+Megatron's torch fallback ``torch.optim.AdamW`` would (with TransformerEngine installed
+Megatron's own path is TE's FusedAdam: the same update, another kernel). Afterwards every coupled
+inner tensor gets a ShardGeometry, and one all-reduce checks that some rank holds one.
 
 Settings (attributes on the OptimizerConfig; :func:`coupled_adam_config` sets them):
 
@@ -33,7 +33,7 @@ from megatron_patch.geometry import MARKERS, is_coupled_parameter, shard_geometr
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZER_NAME = "coupled_adam"
+OPTIMIZER_NAME = _compat.OPTIMIZER_NAME
 
 
 class MegatronCoupledAdam(CoupledAdam):
@@ -46,10 +46,15 @@ class MegatronCoupledAdam(CoupledAdam):
     DistributedOptimizer's checkpoint code reads when TransformerEngine or apex is installed.
     """
 
-    def __init__(self, params, *, vocab_size: int | None, **kwargs: Any) -> None:
+    def __init__(self, param_groups: list[dict[str, Any]], *, vocab_size: int | None,
+                 **kwargs: Any) -> None:
         self.vocab_size = vocab_size
         self._coupled: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        super().__init__(params, **kwargs)
+        super().__init__([{"params": []}], **kwargs)
+        # The groups as a Megatron wrapper left them for its own AdamW: their params may be views
+        # of model parameters (distributed-optimizer shards), which torch's add_param_group
+        # refuses, so they are taken over as the wrapper itself assigns them.
+        self.param_groups = [{**self.defaults, **group} for group in param_groups]
 
     def couple(self, tensor: torch.Tensor, geometry) -> None:
         """Step ``tensor`` with Coupled Adam; ``geometry`` says where it sits in its matrix."""
@@ -122,10 +127,9 @@ def settings(config) -> dict[str, Any]:
     return dict(vocab_size=None if count_padded else vocab_size, avg_scale=avg_scale)
 
 
-def build_inner(config, param_groups: list[dict[str, Any]]) -> MegatronCoupledAdam | None:
-    """The inner optimizer, with the same hyperparameters Megatron gives torch.optim.AdamW."""
-    if not param_groups:
-        return None
+def build_inner(config, param_groups: list[dict[str, Any]]) -> MegatronCoupledAdam:
+    """The inner optimizer over the groups Megatron's wrapper gave its AdamW (same keys, so
+    checkpoints match the ``adam`` path group for group), same hyperparameters."""
     options = settings(config)
     return MegatronCoupledAdam(
         param_groups, lr=config.lr, weight_decay=config.weight_decay,
@@ -222,14 +226,19 @@ def make_factory(original):
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         config = arguments["config"]
-        if getattr(config, "optimizer", None) != OPTIMIZER_NAME:
+        if not _compat.wants_coupled_adam(config):
             return original(*args, **kwargs)
-        _compat.refuse_unsupported(config, arguments["model_chunks"])
-        inner = build_inner(config, arguments["param_groups"])
-        optimizer = _compat.wrap_like_megatron(inner, _init_state_fn if inner else None,
-                                               **arguments)
-        found = 0
-        if inner is not None:
+        _compat.refuse_unsupported(config, arguments["model_chunks"],
+                                   skip_megatron_wrapping=arguments.get("skip_megatron_wrapping",
+                                                                        False))
+        settings(config)  # before anything is built
+        # Megatron's own adam optimizer, then ours in place of its AdamW, over the same groups.
+        optimizer = original(**{**arguments, "config": _compat.as_adam(config)})
+        optimizer.config = config
+        inner, found = None, 0
+        if optimizer.optimizer is not None:
+            inner = build_inner(config, optimizer.optimizer.param_groups)
+            _compat.replace_inner(optimizer, inner, _init_state_fn)
             tp_group = _compat.tensor_parallel_group(arguments.get("pg_collection"))
             found = attach_geometries(optimizer, inner, arguments["model_chunks"], tp_group)
         if _compat.is_dense_call(arguments):  # every rank makes this call exactly once
