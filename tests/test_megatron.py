@@ -11,7 +11,9 @@ pieces), with one bucket per parameter (DP shards cut rows mid-way at 256 = 21 r
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -305,10 +307,10 @@ def test_unsupported_megatron_core_version_is_refused(monkeypatch):
 
 ARGS_SCRIPT = textwrap.dedent("""
     import sys
-    sys.path[:0] = [{lm!r}, {root!r}]
+    sys.path[:0] = [p for p in ({lm!r}, {root!r}) if p]
     import megatron_patch
     megatron_patch.apply(training=True)
-    from megatron.training import arguments, training
+    from megatron.training import arguments, global_vars, training
     base = ["x", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
             "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
             "--lr", "1e-3", "--train-iters", "10", "--vocab-size", "37",
@@ -317,13 +319,26 @@ ARGS_SCRIPT = textwrap.dedent("""
                        "--coupled-adam-avg-scale", "0.5"]
     args = arguments.parse_args()
     arguments.validate_args(args)
+    config, _ = training.get_megatron_optimizer_config(args)  # no tokenizer yet: built here
+    print("RESULT", args.optimizer, args.coupled_adam, args.use_distributed_optimizer,
+          config.optimizer, config.use_distributed_optimizer, config.coupled_adam_avg_scale,
+          config.coupled_adam_count_padded_rows)
+    # Megatron-LM's own initialisation builds the tokenizer pretrain() uses; the vocabulary
+    # reported before it must be the same.
+    dry_vocab, dry_padded = config.coupled_adam_vocab_size, args.padded_vocab_size
+    args.padded_vocab_size = None
+    global_vars.set_global_variables(args)
     config, _ = training.get_megatron_optimizer_config(args)
-    print("RESULT", args.optimizer, args.use_distributed_optimizer, config.optimizer,
-          config.use_distributed_optimizer, config.coupled_adam_avg_scale,
-          config.coupled_adam_vocab_size, config.coupled_adam_count_padded_rows)
+    print("VOCAB", dry_vocab, config.coupled_adam_vocab_size,
+          global_vars.get_tokenizer().vocab_size, dry_padded, args.padded_vocab_size)
     import megatron.core.optimizer as mco
-    # setup_model_and_optimizer calls this very function, which looks the patched builder up.
-    print("FACTORY", training.get_megatron_optimizer is mco.get_megatron_optimizer,
+    from megatron_patch import _compat
+    # setup_model_and_optimizer calls training.get_megatron_optimizer: the patched factory must
+    # be reached from it (0.17+: through the router that passes the emerging-optimizer dispatch).
+    routed = (training.get_megatron_optimizer is mco.get_megatron_optimizer
+              if _compat.megatron_core_version() < (0, 17)
+              else getattr(training.get_megatron_optimizer, "_coupled_ds_patch", False))
+    print("FACTORY", routed,
           getattr(mco._get_megatron_optimizer_based_on_param_groups, "_coupled_ds_patch", False))
     sys.argv = base + ["--optimizer", "coupled_adam", "--use-precision-aware-optimizer"]
     args = arguments.parse_args()
@@ -334,42 +349,63 @@ ARGS_SCRIPT = textwrap.dedent("""
 """)
 
 
+def _megatron_lm_path(entry: str) -> str:
+    """Where ``megatron.training`` (and ``entry`` in it) come from: $MEGATRON_LM_PATH, or
+    (megatron-core 0.17+) the wheel itself ("" then). Skips, saying why, when neither has it."""
+    lm = os.environ.get("MEGATRON_LM_PATH")
+    if lm and (Path(lm) / entry).exists():
+        return lm
+    if importlib.util.find_spec("megatron.training") is not None and entry == "megatron/training":
+        return ""
+    pytest.skip(f"{entry} is neither in the installed megatron-core (the wheel ships "
+                "megatron/training from 0.17) nor in MEGATRON_LM_PATH (a Megatron-LM checkout)")
+
+
 @pytest.mark.slow
 def test_megatron_lm_arguments_reach_the_optimizer_factory():
-    """Megatron-LM's own parse_args/validate_args/get_megatron_optimizer_config (needs a
-    checkout: MEGATRON_LM_PATH, e.g. `git archive core_v0.16.1` of NVIDIA/Megatron-LM)."""
-    lm = os.environ.get("MEGATRON_LM_PATH")
-    if not lm or not (Path(lm) / "megatron" / "training").is_dir():
-        pytest.skip("MEGATRON_LM_PATH is not set to a Megatron-LM checkout (megatron/training is "
-                    "not in the megatron-core wheel); set it to test the argument path")
+    """Megatron-LM's own parse_args/validate_args/get_megatron_optimizer_config: in the
+    megatron-core wheel from 0.17, from a checkout (MEGATRON_LM_PATH) before."""
+    lm = _megatron_lm_path("megatron/training")
     script = ARGS_SCRIPT.format(lm=lm, root=str(ROOT))
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = {line.split(" ", 1)[0]: line for line in proc.stdout.splitlines()
-             if line.startswith(("RESULT", "REFUSED", "FACTORY"))}
-    assert lines["RESULT"].split()[1:] == ["coupled_adam", "True", "coupled_adam", "True", "0.5",
-                                           "37", "False"], lines
+             if line.startswith(("RESULT", "REFUSED", "FACTORY", "VOCAB"))}
+    # validate_args sees "adam" (0.17+ would turn any other name's distributed optimizer into
+    # the layer-wise one); the config says coupled_adam.
+    assert lines["RESULT"].split()[1:] == ["adam", "True", "True", "coupled_adam", "True", "0.5",
+                                           "False"], lines
+    dry, configured, tokenizer, dry_padded, padded = map(int, lines["VOCAB"].split()[1:])
+    assert dry == configured == tokenizer and dry_padded == padded == 128, lines
     assert lines["FACTORY"].split()[1:] == ["True", "True"], lines
     assert "--use-precision-aware-optimizer" in lines["REFUSED"], lines
 
 
 @pytest.mark.slow
-def test_launch_script_dry_run_builds_the_coupled_optimizer_config():
+def test_launch_script_dry_run_reports_the_vocabulary_of_the_run():
     """launch/pretrain_gpt_coupled.py with a pretrain_gpt.py command line (dry run: parse,
-    validate, build the optimizer config; no model)."""
-    lm = os.environ.get("MEGATRON_LM_PATH")
-    if not lm or not (Path(lm) / "pretrain_gpt.py").is_file():
-        pytest.skip("MEGATRON_LM_PATH is not set to a Megatron-LM checkout with pretrain_gpt.py")
+    validate, build the tokenizer as Megatron-LM does, build the optimizer config; no model)."""
+    lm = _megatron_lm_path("megatron/training")
     argv = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
             "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
             "--lr", "1e-3", "--train-iters", "10", "--vocab-size", "37", "--tokenizer-type",
             "NullTokenizer", "--optimizer", "coupled_adam", "--use-distributed-optimizer",
-            "--coupled-adam-count-padded-rows"]
+            "--tensor-model-parallel-size", "1", "--make-vocab-size-divisible-by", "16"]
     env = {**os.environ, "COUPLED_DS_DRY_RUN": "1", "RANK": "0", "WORLD_SIZE": "1"}
+    if lm:
+        env["MEGATRON_LM_PATH"] = lm
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain_gpt_coupled.py"),
                            *argv], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ("optimizer=coupled_adam use_distributed_optimizer=True coupled_adam_vocab_size=37 "
-            "coupled_adam_avg_scale=1.0 coupled_adam_count_padded_rows=True") in proc.stdout
+    match = re.search(r"optimizer=coupled_adam use_distributed_optimizer=True "
+                      r"coupled_adam_vocab_size=(\d+) coupled_adam_avg_scale=1.0 "
+                      r"coupled_adam_count_padded_rows=False", proc.stdout)
+    assert match, proc.stdout[-2000:]
+    vocab = int(match.group(1))
+    assert vocab in (37, 38), vocab  # NullTokenizer: 37, plus its end-of-document token before 0.17
+    padded = -(-vocab // 16) * 16
+    assert (f"vocabulary: {padded} rows per vocabulary matrix after Megatron's padding "
+            f"(--make-vocab-size-divisible-by 16 x TP 1); Coupled Adam's column means count the "
+            f"first {vocab}") in proc.stdout, proc.stdout[-2000:]
