@@ -36,7 +36,8 @@ def is_coupled_parameter(param: torch.nn.Parameter) -> bool:
     ``pre_process``, ``output_layer.weight`` where ``post_process``. ``shared_embedding``: the
     copies kept in step with stage 0's embedding by the embedding-group gradient all-reduce -- the
     tied output matrix on the last stage, and the multi-token-prediction copy of the word
-    embedding there, which has no other marker (``LanguageModule.setup_embeddings_and_output_layer``).
+    embedding there, which megatron-core 0.16 marks with nothing else
+    (``LanguageModule.setup_embeddings_and_output_layer``; 0.19 marks it both ways).
     """
     return any(getattr(param, marker, False) for marker in MARKERS)
 

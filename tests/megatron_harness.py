@@ -37,8 +37,11 @@ class RunSpec:
     optimizer: str = "coupled_adam"          # "adam": Megatron's own path, for comparisons
     synthetic: bool = False                  # gradients keyed by global (row, col), not a model
     model: str = "tiny"                      # "gpt_mtp": megatron-core's GPTModel + 1 MTP layer
-    legacy_markers: bool = False             # negative control: couple by is_embedding_or_output
-                                             # _parameter only (the MTP copy then gets AdamW)
+    v016_markers: bool = False               # mark the MTP copy as megatron-core 0.16 does
+                                             # (shared_embedding only; 0.19 marks it both ways)
+    legacy_rule: bool = False                # negative control: couple by is_embedding_or_output
+                                             # _parameter only (with v016_markers the MTP copy
+                                             # then gets AdamW)
     unmarked: bool = False                   # TinyLM without markers (get_megatron_optimizer
                                              # must raise on every rank)
 
@@ -161,6 +164,8 @@ def _build(spec: RunSpec):
     lm, stage = _model_class()
     if spec.model == "gpt_mtp":
         model = _gpt_mtp(config, spec.v_pad, spec.tied).to(dtype)
+        if spec.v016_markers and not parallel_state.is_pipeline_first_stage():
+            model.embedding.word_embeddings.weight.is_embedding_or_output_parameter = False
     elif spec.pp > 1:
         model = stage(config, spec.v_pad, parallel_state.is_pipeline_first_stage(),
                       parallel_state.is_pipeline_last_stage()).to(dtype)
@@ -176,7 +181,7 @@ def _build(spec: RunSpec):
         bf16=spec.precision == "bf16", fp16=spec.precision == "fp16",
         loss_scale=1.0 if spec.precision == "fp16" else None, params_dtype=dtype,
         use_distributed_optimizer=spec.distopt)
-    if spec.legacy_markers:  # the rule before MTP copies were coupled
+    if spec.legacy_rule:  # the rule before MTP copies were coupled
         from megatron_patch import core
 
         rule = core.is_coupled_parameter
@@ -185,7 +190,7 @@ def _build(spec: RunSpec):
     try:
         optimizer = get_megatron_optimizer(opt_config, [model])
     finally:
-        if spec.legacy_markers:
+        if spec.legacy_rule:
             core.is_coupled_parameter = rule
     if spec.reduce != ("tp", "dp"):
         _drop_reductions(optimizer, spec.reduce, parallel_state.get_tensor_model_parallel_group())

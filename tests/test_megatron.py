@@ -73,10 +73,12 @@ TWO_RANKS = {
     # embedding (marked shared_embedding only) besides the output layer.
     "mtp_pp2_untied_distopt": RunSpec(tp=1, pp=2, distopt=True, model="gpt_mtp", synthetic=True,
                                       steps=10),
-    "mtp_pp2_tied_fp32": RunSpec(tp=1, pp=2, distopt=False, model="gpt_mtp", tied=True,
-                                 synthetic=True, steps=10),
-    "neg_mtp_pp2_untied_legacy_markers": RunSpec(tp=1, pp=2, distopt=True, model="gpt_mtp",
-                                                 synthetic=True, steps=10, legacy_markers=True),
+    "mtp_pp2_tied_fp32_v016_markers": RunSpec(tp=1, pp=2, distopt=False, model="gpt_mtp",
+                                              tied=True, synthetic=True, steps=10,
+                                              v016_markers=True),
+    "neg_mtp_pp2_untied_v016_markers_legacy_rule": RunSpec(
+        tp=1, pp=2, distopt=True, model="gpt_mtp", synthetic=True, steps=10, v016_markers=True,
+        legacy_rule=True),
 }
 FOUR_RANKS = {
     "tp2_dp2_distopt_one_bucket": RunSpec(tp=2, distopt=True),
