@@ -28,7 +28,8 @@ $(STAMP312): pyproject.toml constraints-py312.txt
 	exit 1; }
 	$(PYTHON312) -m venv $(VENV312)
 	$(PY312) -m pip install -q torch==2.13.0
-	$(PY312) -m pip install -q -c constraints-py312.txt -e '.[megatron]' pytest
+	# emerging-optimizers: megatron-core's Muon (tested with muon_scalar_optimizer=coupled_adam)
+	$(PY312) -m pip install -q -c constraints-py312.txt -e '.[megatron]' pytest emerging-optimizers
 	touch $(STAMP312)
 
 venv312: $(STAMP312)

@@ -49,8 +49,9 @@ def add_coupled_adam_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
     for action in parser._actions:
         if "--optimizer" in action.option_strings and type(action) is argparse._StoreAction:
             action.__class__ = _OptimizerAction  # same fields; only __call__ differs
-            if action.choices is not None and OPTIMIZER_NAME not in action.choices:
-                action.choices = [*action.choices, OPTIMIZER_NAME]
+        if ({"--optimizer", "--muon-scalar-optimizer"} & set(action.option_strings)
+                and action.choices is not None and OPTIMIZER_NAME not in action.choices):
+            action.choices = [*action.choices, OPTIMIZER_NAME]
     if any("--coupled-adam-avg-scale" in a.option_strings for a in parser._actions):
         return parser
     group = parser.add_argument_group(title="coupled adam (coupled_ds)")
@@ -111,11 +112,13 @@ def refuse_unsupported_args(args) -> None:
 
 def wrap_get_megatron_optimizer_config(original):
     def get_megatron_optimizer_config(args):
-        if not getattr(args, "coupled_adam", False):
+        scalar = getattr(args, "muon_scalar_optimizer", None) == OPTIMIZER_NAME
+        if not (getattr(args, "coupled_adam", False) or scalar):
             return original(args)
         refuse_unsupported_args(args)
         config, config_overrides = original(args)
-        config.optimizer = OPTIMIZER_NAME
+        if not scalar:  # under Muon the config stays muon; its scalar optimizer is ours
+            config.optimizer = OPTIMIZER_NAME
         config.coupled_adam_avg_scale = args.coupled_adam_avg_scale
         config.coupled_adam_count_padded_rows = args.coupled_adam_count_padded_rows
         config.coupled_adam_vocab_size = (None if args.coupled_adam_count_padded_rows

@@ -190,6 +190,21 @@ def _log_summary(wrapper: str, found: int, found_everywhere: int,
                 inner.defaults["avg_scale"])
 
 
+def _check_no_copy_elsewhere(arguments: dict[str, Any]) -> None:
+    """Raise if a copy of a vocabulary matrix went to another optimizer of the run (Muon's
+    matrix optimizer takes 2-D weights without ``is_embedding_or_output_parameter``)."""
+    here = {id(p) for group in arguments["param_groups"] for p in group["params"]}
+    for index, chunk in enumerate(arguments["model_chunks"]):
+        for name, param in chunk.named_parameters():
+            if param.requires_grad and is_coupled_parameter(param) and id(param) not in here:
+                raise _compat.UnsupportedMegatronError(
+                    f"{index}:{name} (shape {tuple(param.shape)}) is a copy of a vocabulary "
+                    f"matrix ({' / '.join(m for m in MARKERS if getattr(param, m, False))}) but "
+                    "is stepped by another optimizer of this run, not coupled_adam. With Muon, "
+                    "mark it is_embedding_or_output_parameter=True so that Muon hands it to its "
+                    "scalar optimizer (muon_scalar_optimizer='coupled_adam').")
+
+
 def check_coupled_somewhere(found: int) -> int:
     """Sum ``found`` over every rank (one all-reduce); raise on every rank if it is 0.
 
@@ -242,6 +257,7 @@ def make_factory(original):
             tp_group = _compat.tensor_parallel_group(arguments.get("pg_collection"))
             found = attach_geometries(optimizer, inner, arguments["model_chunks"], tp_group)
         if _compat.is_dense_call(arguments):  # every rank makes this call exactly once
+            _check_no_copy_elsewhere(arguments)
             total = check_coupled_somewhere(found)
             _log_summary(type(optimizer).__name__, found, total, inner)
         return optimizer

@@ -34,7 +34,9 @@ class RunSpec:
     ckpt_format: str = "dp_reshardable"      # Megatron-LM's default; or "fully_reshardable"
     pp: int = 1                              # >1: tied copies on first and last stage
     te_step_path: bool = False               # DistributedOptimizer's TE/apex branches for `step`
-    optimizer: str = "coupled_adam"          # "adam": Megatron's own path, for comparisons
+    optimizer: str = "coupled_adam"          # "adam": Megatron's own path, for comparisons;
+                                             # "muon": 0.19's Muon, muon_scalar for the rest
+    muon_scalar: str = "coupled_adam"
     synthetic: bool = False                  # gradients keyed by global (row, col), not a model
     model: str = "tiny"                      # "gpt_mtp": megatron-core's GPTModel + 1 MTP layer
     v016_markers: bool = False               # mark the MTP copy as megatron-core 0.16 does
@@ -178,6 +180,7 @@ def _build(spec: RunSpec):
     opt_config = megatron_patch.coupled_adam_config(
         vocab_size=V_REAL, count_padded_rows=spec.count_padded, **HP, clip_grad=0.0,
         optimizer=spec.optimizer,
+        **({"muon_scalar_optimizer": spec.muon_scalar} if spec.optimizer == "muon" else {}),
         bf16=spec.precision == "bf16", fp16=spec.precision == "fp16",
         loss_scale=1.0 if spec.precision == "fp16" else None, params_dtype=dtype,
         use_distributed_optimizer=spec.distopt)

@@ -411,3 +411,48 @@ def test_launch_script_dry_run_reports_the_vocabulary_of_the_run():
     assert (f"vocabulary: {padded} rows per vocabulary matrix after Megatron's padding "
             f"(--make-vocab-size-divisible-by 16 x TP 1); Coupled Adam's column means count the "
             f"first {vocab}") in proc.stdout, proc.stdout[-2000:]
+
+
+# --------------------------------------------------------- Muon (megatron-core 0.17+ registry)
+MUON = {
+    # Muon steps the 2-D hidden weights; the vocabulary matrices and 1-D parameters go to its
+    # scalar optimizer: coupled_adam, or (control) Megatron's adam.
+    "muon_tp2_dp1_coupled": RunSpec(tp=2, distopt=False, synthetic=True, optimizer="muon",
+                                    steps=10),
+    "muon_tp2_dp1_adam": RunSpec(tp=2, distopt=False, synthetic=True, optimizer="muon",
+                                 muon_scalar="adam", steps=10),
+}
+
+
+@pytest.fixture(scope="module")
+def muon_results() -> dict:
+    from megatron_patch import _compat
+
+    if _compat.megatron_core_version() < (0, 17, 0):
+        pytest.skip("muon_scalar_optimizer (Muon's optimizer for non-matrix parameters) exists "
+                    "from megatron-core 0.17")
+    if importlib.util.find_spec("emerging_optimizers") is None:
+        pytest.skip("megatron-core's Muon needs the emerging-optimizers package (pip install "
+                    "emerging-optimizers)")
+    return _run(2, MUON)
+
+
+@pytest.mark.slow
+def test_muon_scalar_optimizer_coupled_adam(muon_results):
+    """--optimizer muon --muon-scalar-optimizer coupled_adam: the vocabulary matrices equal
+    single-process Coupled Adam, 1-D parameters AdamW, and the Muon-stepped matrices are exactly
+    those of the run whose scalar optimizer is Megatron's adam (which does not couple)."""
+    spec = MUON["muon_tp2_dp1_coupled"]
+    errors = _rel_errors(muon_results["muon_tp2_dp1_coupled"], spec)
+    shapes = muon_results["muon_tp2_dp1_coupled"][0]["shapes"]
+    scalar = {k: v for k, v in errors.items()
+              if is_vocab(k) or len(shapes[k.split("@")[0]]) == 1}
+    print("MUON", scalar)
+    assert scalar and max(scalar.values()) <= TOL, scalar
+    got = assemble(muon_results["muon_tp2_dp1_coupled"], "final")
+    control = assemble(muon_results["muon_tp2_dp1_adam"], "final")
+    for key in got:
+        if not is_vocab(key) and len(shapes[key.split("@")[0]]) == 2:
+            assert torch.equal(got[key], control[key]), key
+    adam_errors = _rel_errors(muon_results["muon_tp2_dp1_adam"], MUON["muon_tp2_dp1_adam"])
+    assert max(v for k, v in adam_errors.items() if is_vocab(k)) > 1e-3, adam_errors
