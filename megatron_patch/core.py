@@ -190,11 +190,10 @@ def _log_summary(wrapper: str, found: int, found_everywhere: int,
                 inner.defaults["avg_scale"])
 
 
-def _check_no_copy_elsewhere(arguments: dict[str, Any]) -> None:
+def _check_no_copy_elsewhere(model_chunks, here: set[int]) -> None:
     """Raise if a copy of a vocabulary matrix went to another optimizer of the run (Muon's
     matrix optimizer takes 2-D weights without ``is_embedding_or_output_parameter``)."""
-    here = {id(p) for group in arguments["param_groups"] for p in group["params"]}
-    for index, chunk in enumerate(arguments["model_chunks"]):
+    for index, chunk in enumerate(model_chunks):
         for name, param in chunk.named_parameters():
             if param.requires_grad and is_coupled_parameter(param) and id(param) not in here:
                 raise _compat.UnsupportedMegatronError(
@@ -247,6 +246,8 @@ def make_factory(original):
                                    skip_megatron_wrapping=arguments.get("skip_megatron_wrapping",
                                                                         False))
         settings(config)  # before anything is built
+        # The model parameters this call steps (the wrappers replace them in the groups).
+        here = {id(p) for group in arguments["param_groups"] for p in group["params"]}
         # Megatron's own adam optimizer, then ours in place of its AdamW, over the same groups.
         optimizer = original(**{**arguments, "config": _compat.as_adam(config)})
         optimizer.config = config
@@ -257,7 +258,7 @@ def make_factory(original):
             tp_group = _compat.tensor_parallel_group(arguments.get("pg_collection"))
             found = attach_geometries(optimizer, inner, arguments["model_chunks"], tp_group)
         if _compat.is_dense_call(arguments):  # every rank makes this call exactly once
-            _check_no_copy_elsewhere(arguments)
+            _check_no_copy_elsewhere(arguments["model_chunks"], here)
             total = check_coupled_somewhere(found)
             _log_summary(type(optimizer).__name__, found, total, inner)
         return optimizer

@@ -456,3 +456,16 @@ def test_muon_scalar_optimizer_coupled_adam(muon_results):
             assert torch.equal(got[key], control[key]), key
     adam_errors = _rel_errors(muon_results["muon_tp2_dp1_adam"], MUON["muon_tp2_dp1_adam"])
     assert max(v for k, v in adam_errors.items() if is_vocab(k)) > 1e-3, adam_errors
+
+
+def test_a_vocabulary_copy_stepped_by_another_optimizer_raises():
+    """Muon hands 2-D weights without is_embedding_or_output_parameter to its matrix optimizer:
+    a copy marked only shared_embedding (as megatron-core 0.16 marks the MTP copy) would be
+    stepped by Muon; the check names it."""
+    from megatron_patch import core
+
+    model = torch.nn.Linear(4, 6, bias=True)
+    model.weight.shared_embedding = True
+    with pytest.raises(ValueError, match=r"0:weight .*shared_embedding.*another optimizer"):
+        core._check_no_copy_elsewhere([model], here={id(model.bias)})
+    core._check_no_copy_elsewhere([model], here={id(model.weight), id(model.bias)})
