@@ -60,24 +60,30 @@ def dry_run() -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     args = arguments.parse_args()
     arguments.validate_args(args)
-    config, _ = training.get_megatron_optimizer_config(args)
-    print(f"optimizer={config.optimizer} use_distributed_optimizer="
-          f"{config.use_distributed_optimizer} coupled_adam_vocab_size="
-          f"{getattr(config, 'coupled_adam_vocab_size', None)} coupled_adam_avg_scale="
-          f"{getattr(config, 'coupled_adam_avg_scale', None)} coupled_adam_count_padded_rows="
-          f"{getattr(config, 'coupled_adam_count_padded_rows', None)}")
-    if getattr(args, "padded_vocab_size", None) is None:
-        try:
-            global_vars.build_tokenizer(args)  # also pads: sets args.padded_vocab_size
-        except Exception as error:  # report, do not guess
-            print(f"vocabulary: unknown - building the tokenizer (--tokenizer-type "
-                  f"{args.tokenizer_type}) failed: {type(error).__name__}: {error}")
+    try:
+        global_vars.build_tokenizer(args)  # as Megatron-LM's initialisation; pads the vocabulary
+        vocabulary = (f"{args.padded_vocab_size} rows per vocabulary matrix after Megatron's "
+                      f"padding (--make-vocab-size-divisible-by "
+                      f"{args.make_vocab_size_divisible_by} x TP {args.tensor_model_parallel_size})")
+    except Exception as error:  # the builders raise many kinds: report, never guess
+        vocabulary = (f"unknown - building the tokenizer (--tokenizer-type {args.tokenizer_type}) "
+                      f"the way Megatron-LM does failed: {type(error).__name__}: {error}. The run "
+                      "builds the same tokenizer first; fix its arguments")
+        if (getattr(args, "coupled_adam", False) and args.coupled_adam_vocab_size is None
+                and not args.coupled_adam_count_padded_rows):
+            print(f"optimizer=coupled_adam use_distributed_optimizer="
+                  f"{args.use_distributed_optimizer} coupled_adam_vocab_size=unknown")
+            print(f"vocabulary: {vocabulary}, or pass --coupled-adam-vocab-size N")
             return
-    counted = ("all of them" if config.coupled_adam_vocab_size is None
-               else f"the first {config.coupled_adam_vocab_size}")
-    print(f"vocabulary: {args.padded_vocab_size} rows per vocabulary matrix after Megatron's "
-          f"padding (--make-vocab-size-divisible-by {args.make_vocab_size_divisible_by} x TP "
-          f"{args.tensor_model_parallel_size}); Coupled Adam's column means count {counted}")
+    config, _ = training.get_megatron_optimizer_config(args)
+    vocab_size = getattr(config, "coupled_adam_vocab_size", None)
+    print(f"optimizer={config.optimizer} use_distributed_optimizer="
+          f"{config.use_distributed_optimizer} coupled_adam_vocab_size={vocab_size} "
+          f"coupled_adam_avg_scale={getattr(config, 'coupled_adam_avg_scale', None)} "
+          f"coupled_adam_count_padded_rows="
+          f"{getattr(config, 'coupled_adam_count_padded_rows', None)}")
+    counted = "all of them" if vocab_size is None else f"the first {vocab_size}"
+    print(f"vocabulary: {vocabulary}; Coupled Adam's column means count {counted}")
 
 
 def main() -> None:
