@@ -38,7 +38,8 @@ from tests.megatron_harness import (  # noqa: E402
 )
 
 COUPLED = ("embedding.word_embeddings.weight", "output_layer.weight")
-TOL = 1e-5          # relative, acceptance bound
+TOL = 1e-6          # relative, acceptance bound (vs single-process CoupledAdam / AdamW)
+TOL64 = 1e-5        # relative, vs the float64 reference (fp32 rounding over 20 steps)
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> spec; one spawn per world size runs all of them.
@@ -171,7 +172,7 @@ def test_matches_single_process(results, name):
     print("EQUIV", name, max(errors[k] for k in errors if is_vocab(k)),
           max([errors[k] for k in errors if not is_vocab(k)]), max(errors64.values()))
     assert max(errors.values()) <= TOL, errors
-    assert max(errors64.values()) <= TOL, errors64
+    assert max(errors64.values()) <= TOL64, errors64
 
 
 @pytest.mark.slow
