@@ -64,7 +64,8 @@ def dry_run() -> None:
         global_vars.build_tokenizer(args)  # as Megatron-LM's initialisation; pads the vocabulary
         vocabulary = (f"{args.padded_vocab_size} rows per vocabulary matrix after Megatron's "
                       f"padding (--make-vocab-size-divisible-by "
-                      f"{args.make_vocab_size_divisible_by} x TP {args.tensor_model_parallel_size})")
+                      f"{args.make_vocab_size_divisible_by} x TP "
+                      f"{args.tensor_model_parallel_size})")
     except Exception as error:  # the builders raise many kinds: report, never guess
         vocabulary = (f"unknown - building the tokenizer (--tokenizer-type {args.tokenizer_type}) "
                       f"the way Megatron-LM does failed: {type(error).__name__}: {error}. The run "

@@ -145,13 +145,13 @@ def coupled_distributed_optimizer_class():
     """DistributedOptimizer whose checkpoint loading tolerates a per-parameter ``step``.
 
     Installed by :func:`replace_inner` as the class of Megatron's own instance (it only
-    overrides one method). 0.16's (and 0.19's) ``_set_main_param_and_optimizer_states`` copies every key of the inner state from
-    the loaded tensors, but its checkpoint formats keep ``step`` in the param groups (as TE's
-    FusedAdam does): fully_reshardable omits it (KeyError), dp_reshardable hands back the
-    current, not the saved, step. CoupledAdam keeps ``step`` per parameter like
-    torch.optim.AdamW, so it is skipped here and restored from the param groups (see
-    MegatronCoupledAdam.load_state_dict). The copy also runs under no_grad: fp32 shards are
-    views of parameters that require grad.
+    overrides one method). 0.16's and 0.19's ``_set_main_param_and_optimizer_states`` copy
+    every key of the inner state from the loaded tensors, but their checkpoint formats keep
+    ``step`` in the param groups (as TE's FusedAdam does): fully_reshardable omits it
+    (KeyError), dp_reshardable hands back the current, not the saved, step. CoupledAdam keeps
+    ``step`` per parameter like torch.optim.AdamW, so it is skipped here and restored from the
+    param groups (see MegatronCoupledAdam.load_state_dict). The copy also runs under no_grad:
+    fp32 shards are views of parameters that require grad.
     """
     global _COUPLED_DISTRIBUTED_OPTIMIZER
     if _COUPLED_DISTRIBUTED_OPTIMIZER is None:
