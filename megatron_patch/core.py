@@ -190,22 +190,24 @@ def _log_summary(wrapper: str, found: int, found_everywhere: int,
                 inner.defaults["avg_scale"])
 
 
-def _check_no_copy_elsewhere(model_chunks, here: set[int]) -> None:
-    """Raise if a copy of a vocabulary matrix went to another optimizer of the run (Muon's
-    matrix optimizer takes 2-D weights without ``is_embedding_or_output_parameter``)."""
+def _copy_elsewhere(model_chunks, here: set[int]) -> str | None:
+    """Why a copy of a vocabulary matrix went to another optimizer of the run (Muon's matrix
+    optimizer takes 2-D weights without ``is_embedding_or_output_parameter``), or None."""
     for index, chunk in enumerate(model_chunks):
         for name, param in chunk.named_parameters():
             if param.requires_grad and is_coupled_parameter(param) and id(param) not in here:
-                raise _compat.UnsupportedMegatronError(
+                return (
                     f"{index}:{name} (shape {tuple(param.shape)}) is a copy of a vocabulary "
                     f"matrix ({' / '.join(m for m in MARKERS if getattr(param, m, False))}) but "
                     "is stepped by another optimizer of this run, not coupled_adam. With Muon, "
                     "mark it is_embedding_or_output_parameter=True so that Muon hands it to its "
                     "scalar optimizer (muon_scalar_optimizer='coupled_adam').")
+    return None
 
 
-def check_coupled_somewhere(found: int) -> int:
-    """Sum ``found`` over every rank (one all-reduce); raise on every rank if it is 0.
+def check_coupled_somewhere(found: int, misplaced: str | None = None) -> int:
+    """Sum ``found`` over every rank (one all-reduce); raise on every rank if it is 0, or if
+    any rank has a vocabulary copy stepped by another optimizer (``misplaced``).
 
     Per rank, 0 is legitimate (a middle pipeline stage holds no vocabulary matrix); on all ranks
     together it means the model carries none of the markers and every parameter would be stepped
@@ -213,13 +215,17 @@ def check_coupled_somewhere(found: int) -> int:
     """
     import torch.distributed as dist
 
-    total = found
+    total, misplaced_ranks = found, int(misplaced is not None)
     if dist.is_initialized():
         device = (torch.device("cuda", torch.cuda.current_device())
                   if dist.get_backend() == "nccl" else torch.device("cpu"))
-        count = torch.tensor([found], dtype=torch.int64, device=device)
-        dist.all_reduce(count)
-        total = int(count.item())
+        counts = torch.tensor([found, misplaced_ranks], dtype=torch.int64, device=device)
+        dist.all_reduce(counts)
+        total, misplaced_ranks = (int(c) for c in counts.tolist())
+    if misplaced_ranks:
+        raise _compat.UnsupportedMegatronError(
+            misplaced or f"{misplaced_ranks} other rank(s) hold a copy of a vocabulary matrix "
+            "that another optimizer of this run steps (see their error).")
     if total == 0:
         raise ValueError(
             "optimizer='coupled_adam' found no vocabulary matrix on any rank, so every parameter "
@@ -258,8 +264,8 @@ def make_factory(original):
             tp_group = _compat.tensor_parallel_group(arguments.get("pg_collection"))
             found = attach_geometries(optimizer, inner, arguments["model_chunks"], tp_group)
         if _compat.is_dense_call(arguments):  # every rank makes this call exactly once
-            _check_no_copy_elsewhere(arguments["model_chunks"], here)
-            total = check_coupled_somewhere(found)
+            misplaced = _copy_elsewhere(arguments["model_chunks"], here)
+            total = check_coupled_somewhere(found, misplaced)
             _log_summary(type(optimizer).__name__, found, total, inner)
         return optimizer
 

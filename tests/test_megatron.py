@@ -467,6 +467,7 @@ def test_a_vocabulary_copy_stepped_by_another_optimizer_raises():
 
     model = torch.nn.Linear(4, 6, bias=True)
     model.weight.shared_embedding = True
+    why = core._copy_elsewhere([model], here={id(model.bias)})
     with pytest.raises(ValueError, match=r"0:weight .*shared_embedding.*another optimizer"):
-        core._check_no_copy_elsewhere([model], here={id(model.bias)})
-    core._check_no_copy_elsewhere([model], here={id(model.weight), id(model.bias)})
+        core.check_coupled_somewhere(1, why)
+    assert core._copy_elsewhere([model], here={id(model.weight), id(model.bias)}) is None
