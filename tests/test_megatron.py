@@ -412,6 +412,15 @@ def test_launch_script_dry_run_reports_the_vocabulary_of_the_run():
     assert (f"vocabulary: {padded} rows per vocabulary matrix after Megatron's padding "
             f"(--make-vocab-size-divisible-by 16 x TP 1); Coupled Adam's column means count the "
             f"first {vocab}") in proc.stdout, proc.stdout[-2000:]
+    # A tokenizer that cannot be built: said plainly, not guessed from --vocab-size.
+    argv[argv.index("NullTokenizer")] = "GPT2BPETokenizer"
+    argv += ["--vocab-file", "/nonexistent/vocab.json", "--merge-file", "/nonexistent/merges.txt"]
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain_gpt_coupled.py"),
+                           *argv], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "coupled_adam_vocab_size=unknown" in proc.stdout, proc.stdout[-2000:]
+    assert ("vocabulary: unknown - building the tokenizer (--tokenizer-type GPT2BPETokenizer) "
+            "the way Megatron-LM does failed") in proc.stdout, proc.stdout[-2000:]
 
 
 # --------------------------------------------------------- Muon (megatron-core 0.17+ registry)
