@@ -14,7 +14,7 @@
 # Options:
 #   --save-dir DIR         Megatron --save; a relaunch resumes (--load) from its latest iteration
 #   --data-path PREFIX     Megatron indexed dataset prefix (PREFIX.bin / PREFIX.idx)  [$DATA_PATH]
-#   --megatron-lm DIR      Megatron-LM checkout (core_v0.16.x), put on PYTHONPATH  [$MEGATRON_LM]
+#   --megatron-lm DIR      Megatron-LM checkout (tag = your megatron-core) on PYTHONPATH [$MEGATRON_LM]
 #   --optimizer NAME       coupled_adam | adam (the baseline)                  [coupled_adam]
 #   --nnodes N, --node-rank R, --nproc-per-node G, --master-addr HOST, --master-port PORT,
 #   --rdzv-endpoint H:P, --rdzv-id ID, --from-slurm-env      as in launch/torchrun_ds.sh

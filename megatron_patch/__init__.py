@@ -55,12 +55,15 @@ def apply(*, training: bool | None = None) -> None:
            core.make_factory)
     if training is None:
         training = importlib.util.find_spec("megatron.training") is not None
+    training_module = None
     if training:
         arguments = importlib.import_module("megatron.training.arguments")
         training_module = importlib.import_module("megatron.training.training")
         _patch(arguments, "add_megatron_arguments", args.wrap_add_megatron_arguments)
         _patch(training_module, "get_megatron_optimizer_config",
                args.wrap_get_megatron_optimizer_config)
+    for module, attribute, make in _compat.routing_patches(training_module):
+        _patch(module, attribute, make)
     logger.info("megatron_patch: optimizer 'coupled_adam' registered (megatron.training hooks: %s)",
                 bool(training))
 

@@ -1,15 +1,22 @@
 """Everything that depends on megatron-core's internals, for the supported range only.
 
-megatron-core has no optimizer plugin API, so the patch reaches into three private places; each
+megatron-core has no optimizer plugin API, so the patch reaches into a few private places; each
 is named here and nowhere else:
 
 * ``megatron.core.optimizer._get_megatron_optimizer_based_on_param_groups`` (looked up by
-  ``get_megatron_optimizer`` at call time): replaced by a wrapper that builds our inner optimizer
-  when ``config.optimizer == "coupled_adam"`` and then wraps it exactly as 0.16's own code does
-  (:func:`wrap_like_megatron`, a copy of its wrapper section).
-* ``megatron.core.optimizer.distrib_optimizer.Adam``: the ``DistributedOptimizer`` constructor
-  asserts ``isinstance(optimizer, (Adam, torch.optim.AdamW, ...))`` "due to checkpointing
-  requirements"; :func:`distributed_optimizer_accepts` widens that name for the construction only.
+  ``get_megatron_optimizer`` at call time, and by 0.19's Muon path for its scalar optimizer):
+  replaced by a wrapper that, for ``coupled_adam``, lets Megatron build its own ``adam``
+  optimizer -- grad scaler, DistributedOptimizer / Float16OptimizerWithFloat16Params /
+  FP32Optimizer, process-group attributes -- and then puts our inner optimizer in place of
+  Megatron's AdamW over the very param groups the wrapper gave it (:func:`replace_inner`). No
+  wrapper code is copied; the wrappers' constructors only read the inner optimizer's
+  ``param_groups``.
+* From 0.17, ``get_megatron_optimizer`` sends every name but adam/sgd to its emerging-optimizer
+  path, so it is wrapped too (:func:`make_router`; where ``megatron.training.training`` bound it
+  at import, there as well) to hand ``coupled_adam`` to the standard path as an ``adam`` config
+  that carries :data:`ROUTED`. ``_get_megatron_emerging_optimizer`` is guarded so that a copy of
+  ``get_megatron_optimizer`` imported before :func:`megatron_patch.apply` raises instead of
+  failing obscurely.
 * The wrappers' private parallel lists (``float16_groups`` / ``fp32_from_float16_groups``,
   ``model_*_groups`` / ``shard_*_groups``, ``_get_model_param_range_map``), read by
   :func:`inner_tensors` to find which inner tensor is which model parameter, and which flat range
@@ -18,9 +25,10 @@ is named here and nowhere else:
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +36,17 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: Supported megatron-core versions: [MIN, MAX). Checked: 0.16.1 (the newest for Python 3.11).
+OPTIMIZER_NAME = "coupled_adam"
+
+#: Supported megatron-core versions: [MIN, MAX). Tested: 0.16.1 (Python 3.11) and 0.19.2
+#: (Python 3.12, the newest release).
 MEGATRON_CORE_MIN = (0, 16, 0)
-MEGATRON_CORE_MAX = (0, 17, 0)
-SUPPORTED_RANGE = ">=0.16.0,<0.17"
+MEGATRON_CORE_MAX = (0, 20, 0)
+SUPPORTED_RANGE = ">=0.16.0,<0.20"
+#: From this version on, get_megatron_optimizer routes unknown names to emerging optimizers.
+_ROUTING_FROM = (0, 17, 0)
+#: Attribute on the ``adam`` config that :func:`make_router` hands to the standard path.
+ROUTED = "coupled_adam_routed"
 
 
 class UnsupportedMegatronError(ValueError):
@@ -51,7 +66,7 @@ def check_version() -> None:
         raise UnsupportedMegatronError(
             f"megatron_patch supports megatron-core {SUPPORTED_RANGE}; found "
             f"{'.'.join(map(str, version))}. Install a supported version "
-            "(pip install 'megatron-core>=0.16,<0.17') or use coupled_ds.CoupledAdam directly.")
+            "(pip install 'megatron-core>=0.16,<0.20') or use coupled_ds.CoupledAdam directly.")
 
 
 def optimizer_module():
@@ -60,76 +75,83 @@ def optimizer_module():
     return module
 
 
-@contextlib.contextmanager
-def distributed_optimizer_accepts(cls: type) -> Iterator[None]:
-    """Let ``DistributedOptimizer.__init__``'s inner-optimizer type assertion accept ``cls``."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    original = distrib_optimizer.Adam
-    distrib_optimizer.Adam = (original, cls)  # isinstance() accepts nested tuples
-    try:
-        yield
-    finally:
-        distrib_optimizer.Adam = original
+def wants_coupled_adam(config) -> bool:
+    """Whether a factory call is for coupled_adam (by name, or routed as ``adam``)."""
+    return getattr(config, "optimizer", None) == OPTIMIZER_NAME or getattr(config, ROUTED, False)
 
 
-def wrap_like_megatron(inner: torch.optim.Optimizer, init_state_fn, *, config, model_chunks,
-                       per_model_buffers, model_parallel_group, data_parallel_group,
-                       data_parallel_group_gloo, data_parallel_group_idx, intra_dist_opt_group,
-                       distributed_optimizer_instance_id, pg_collection, **_unused):
-    """Wrap ``inner`` in DistributedOptimizer / Float16OptimizerWithFloat16Params / FP32Optimizer.
+def as_adam(config):
+    """A shallow copy of ``config`` that Megatron's factory builds as its own ``adam`` path."""
+    adam = copy.copy(config)
+    adam.optimizer = "adam"
+    return adam
 
-    A copy of the wrapper section of megatron-core 0.16's
-    ``_get_megatron_optimizer_based_on_param_groups`` (grad scaler choice, wrapper choice, the
-    ``grad_stats_parallel_group`` and ``tp_group`` attributes), so everything but the inner
-    optimizer is Megatron's own path.
+
+def routing_patches(training_module) -> list[tuple[Any, str, Callable]]:
+    """(module, attribute, make_wrapper) for the versions whose dispatch needs routing."""
+    if megatron_core_version() < _ROUTING_FROM:
+        return []
+    core = optimizer_module()
+    patches = [(core, "get_megatron_optimizer", make_router),
+               (core, "_get_megatron_emerging_optimizer", _guard_emerging)]
+    if training_module is not None and hasattr(training_module, "get_megatron_optimizer"):
+        patches.append((training_module, "get_megatron_optimizer", make_router))
+    return patches
+
+
+def make_router(original):
+    """0.17+: ``coupled_adam`` enters get_megatron_optimizer's standard (adam/sgd) path."""
+
+    @functools.wraps(original)
+    def get_megatron_optimizer(config, *args, **kwargs):
+        if getattr(config, "optimizer", None) == OPTIMIZER_NAME:
+            config = as_adam(config)
+            setattr(config, ROUTED, True)
+        return original(config, *args, **kwargs)
+
+    get_megatron_optimizer._coupled_ds_patch = True
+    return get_megatron_optimizer
+
+
+def _guard_emerging(original):
+    @functools.wraps(original)
+    def _get_megatron_emerging_optimizer(config, *args, **kwargs):
+        if getattr(config, "optimizer", None) == OPTIMIZER_NAME:
+            raise UnsupportedMegatronError(
+                "optimizer='coupled_adam' reached megatron-core's emerging-optimizer path: this "
+                "get_megatron_optimizer was imported before megatron_patch.apply(). Call "
+                "megatron_patch.apply() before importing it (or call "
+                "megatron.core.optimizer.get_megatron_optimizer).")
+        return original(config, *args, **kwargs)
+
+    return _get_megatron_emerging_optimizer
+
+
+def replace_inner(optimizer, inner: torch.optim.Optimizer, init_state_fn) -> None:
+    """Put ``inner`` where Megatron's wrapper holds its own (``.optimizer``).
+
+    ``inner`` must have been built over ``optimizer.optimizer.param_groups`` (the groups as the
+    wrapper left them: fp32 main params or distributed-optimizer shards).
     """
-    from megatron.core import parallel_state
-    from megatron.core.optimizer import Float16OptimizerWithFloat16Params, FP32Optimizer
-    from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
+    from megatron.core.optimizer import DistributedOptimizer
 
-    if config.fp16 or config.bf16 or config.use_distributed_optimizer:
-        grad_scaler = None
-        if config.loss_scale:
-            grad_scaler = ConstantGradScaler(config.loss_scale)
-        elif config.fp16:
-            grad_scaler = DynamicGradScaler(
-                initial_scale=config.initial_loss_scale, min_scale=config.min_loss_scale,
-                growth_factor=2.0, backoff_factor=0.5, growth_interval=config.loss_scale_window,
-                hysteresis=config.hysteresis)
-        optimizer_args = [inner, config, grad_scaler, init_state_fn]
-        if config.use_distributed_optimizer:
-            with distributed_optimizer_accepts(type(inner)):
-                optimizer = coupled_distributed_optimizer_class()(
-                    *optimizer_args, model_chunks=model_chunks,
-                    per_model_buffers=per_model_buffers, data_parallel_group=data_parallel_group,
-                    data_parallel_group_gloo=data_parallel_group_gloo,
-                    data_parallel_group_idx=data_parallel_group_idx,
-                    distributed_optimizer_instance_id=distributed_optimizer_instance_id)
-            optimizer.grad_stats_parallel_group = intra_dist_opt_group
-        else:
-            optimizer = Float16OptimizerWithFloat16Params(*optimizer_args)
-            optimizer.grad_stats_parallel_group = model_parallel_group
-    else:
-        optimizer = FP32Optimizer(inner, config, init_state_fn)
-        optimizer.grad_stats_parallel_group = model_parallel_group
-    if pg_collection is None or not hasattr(pg_collection, "tp"):
-        optimizer.tp_group = parallel_state.get_tensor_model_parallel_group()
-    else:
-        optimizer.tp_group = pg_collection.tp
-    return optimizer
+    optimizer.optimizer = inner
+    optimizer.init_state_fn = init_state_fn
+    if type(optimizer) is DistributedOptimizer:
+        optimizer.__class__ = coupled_distributed_optimizer_class()
 
 
 def coupled_distributed_optimizer_class():
     """DistributedOptimizer whose checkpoint loading tolerates a per-parameter ``step``.
 
-    0.16's ``_set_main_param_and_optimizer_states`` copies every key of the inner state from
-    the loaded tensors, but its checkpoint formats keep ``step`` in the param groups (as TE's
-    FusedAdam does): fully_reshardable omits it (KeyError), dp_reshardable hands back the
-    current, not the saved, step. CoupledAdam keeps ``step`` per parameter like
-    torch.optim.AdamW, so it is skipped here and restored from the param groups (see
-    MegatronCoupledAdam.load_state_dict). The copy also runs under no_grad: fp32 shards are
-    views of parameters that require grad.
+    Installed by :func:`replace_inner` as the class of Megatron's own instance (it only
+    overrides one method). 0.16's and 0.19's ``_set_main_param_and_optimizer_states`` copy
+    every key of the inner state from the loaded tensors, but their checkpoint formats keep
+    ``step`` in the param groups (as TE's FusedAdam does): fully_reshardable omits it
+    (KeyError), dp_reshardable hands back the current, not the saved, step. CoupledAdam keeps
+    ``step`` per parameter like torch.optim.AdamW, so it is skipped here and restored from the
+    param groups (see MegatronCoupledAdam.load_state_dict). The copy also runs under no_grad:
+    fp32 shards are views of parameters that require grad.
     """
     global _COUPLED_DISTRIBUTED_OPTIMIZER
     if _COUPLED_DISTRIBUTED_OPTIMIZER is None:
@@ -218,7 +240,18 @@ def _distributed_inner_tensors(optimizer) -> Iterator[InnerTensor]:
                 yield InnerTensor(None, model_param, 0, 0, buffer.data_parallel_group)
 
 
-def refuse_unsupported(config, model_chunks) -> None:
+def is_dense_call(arguments: dict[str, Any]) -> bool:
+    """Whether this factory call builds the dense (non-expert) optimizer.
+
+    ``get_megatron_optimizer`` calls the factory once for the dense parameters on every rank
+    (twice only with overlap_param_gather_with_optimizer_step, which coupled_adam refuses) and
+    once more, only where expert-parallel parameters exist, with groups marked
+    ``is_expert_parallel``: the dense call is the one every rank makes.
+    """
+    return not any(group.get("is_expert_parallel", False) for group in arguments["param_groups"])
+
+
+def refuse_unsupported(config, model_chunks, *, skip_megatron_wrapping: bool = False) -> None:
     """Raise UnsupportedMegatronError naming the first unsupported flag."""
     checks = [
         (config.use_precision_aware_optimizer, "use_precision_aware_optimizer=True",
@@ -228,6 +261,11 @@ def refuse_unsupported(config, model_chunks) -> None:
          "HybridDeviceOptimizer steps with its own Adam", "drop --optimizer-cpu-offload"),
         (not config.decoupled_weight_decay, "decoupled_weight_decay=False",
          "Coupled Adam is AdamW (decoupled decay)", "set decoupled_weight_decay=True"),
+        (getattr(config, "optimizer_cuda_graph", False), "optimizer_cuda_graph=True",
+         "the inner optimizer would have to be capturable", "drop --optimizer-cuda-graph"),
+        (skip_megatron_wrapping, "use_layer_wise_distributed_optimizer=True",
+         "LayerWiseDistributedOptimizer wraps the raw optimizer itself",
+         "use --use-distributed-optimizer without the layer-wise optimizer"),
         (config.overlap_param_gather_with_optimizer_step,
          "overlap_param_gather_with_optimizer_step=True", "this split of the model chunks is "
          "not tested with coupled_adam", "drop --overlap-param-gather-with-optimizer-step"),

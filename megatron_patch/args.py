@@ -1,24 +1,23 @@
 """Megatron-LM training side: ``--optimizer coupled_adam`` from the command line to the factory.
 
-Megatron-LM's ``megatron/training`` (not part of the megatron-core wheel) restricts
-``--optimizer`` to adam/sgd/muon/dist_muon, and ``get_megatron_optimizer_config`` raises on any
-other name. Two module attributes are wrapped, both looked up at call time:
+Megatron-LM's ``megatron/training`` (in the megatron-core wheel from 0.17; a Megatron-LM checkout
+before) restricts ``--optimizer`` to its own names, ``validate_args`` treats every name but
+adam/sgd as an emerging optimizer from 0.17 on (turning ``--use-distributed-optimizer`` into the
+layer-wise optimizer), and ``get_megatron_optimizer_config`` builds the config from the args.
+Two module attributes are wrapped, both looked up at call time:
 
-* ``megatron.training.arguments.add_megatron_arguments``: adds ``coupled_adam`` to the
-  ``--optimizer`` choices and the ``--coupled-adam-*`` flags (so ``parse_args`` accepts them
-  whatever ``extra_args_provider`` the entry point passes);
-* ``megatron.training.training.get_megatron_optimizer_config``: builds Megatron's Adam config
-  from the args, renames it to ``coupled_adam`` and attaches the coupled settings, so
-  ``setup_model_and_optimizer`` calls ``get_megatron_optimizer`` (not the Muon path) with
-  ``use_distributed_optimizer`` as the user set it.
-
-``validate_args`` needs no hook: in 0.16 it only special-cases names containing "muon".
+* ``megatron.training.arguments.add_megatron_arguments``: ``--optimizer coupled_adam`` is parsed
+  as ``optimizer="adam"`` plus ``coupled_adam=True`` (so every check of ``validate_args`` is the
+  adam path's, in every version), and the ``--coupled-adam-*`` flags are added (so
+  ``parse_args`` accepts them whatever ``extra_args_provider`` the entry point passes);
+* ``megatron.training.training.get_megatron_optimizer_config``: Megatron's adam config, renamed
+  ``coupled_adam``, with the coupled settings attached (the vocabulary from the tokenizer Megatron
+  built, else one built the way Megatron-LM builds it).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 
 from megatron_patch._compat import UnsupportedMegatronError
@@ -36,15 +35,27 @@ REFUSED_FLAGS = {
 }
 
 
+class _OptimizerAction(argparse._StoreAction):
+    """``--optimizer coupled_adam`` stores ``optimizer="adam"`` and ``coupled_adam=True``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        coupled = values == OPTIMIZER_NAME
+        setattr(namespace, "coupled_adam", coupled)
+        super().__call__(parser, namespace, "adam" if coupled else values, option_string)
+
+
 def add_coupled_adam_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Accept ``--optimizer coupled_adam`` and add the Coupled Adam flags."""
     for action in parser._actions:
-        if "--optimizer" in action.option_strings and action.choices is not None:
-            if OPTIMIZER_NAME not in action.choices:
-                action.choices = [*action.choices, OPTIMIZER_NAME]
+        if "--optimizer" in action.option_strings and type(action) is argparse._StoreAction:
+            action.__class__ = _OptimizerAction  # same fields; only __call__ differs
+        if ({"--optimizer", "--muon-scalar-optimizer"} & set(action.option_strings)
+                and action.choices is not None and OPTIMIZER_NAME not in action.choices):
+            action.choices = [*action.choices, OPTIMIZER_NAME]
     if any("--coupled-adam-avg-scale" in a.option_strings for a in parser._actions):
         return parser
     group = parser.add_argument_group(title="coupled adam (coupled_ds)")
+    group.set_defaults(coupled_adam=False)
     group.add_argument("--coupled-adam-avg-scale", type=float, default=1.0,
                        help="Scaled Coupled Adam: multiply the shared second moment by this "
                             "(2**-n); 1.0 is the paper's method.")
@@ -64,15 +75,31 @@ def wrap_add_megatron_arguments(original):
     return add_megatron_arguments
 
 
-def _tokenizer_vocab_size(args) -> int | None:
+def tokenizer_vocab_size(args) -> int:
+    """The rows of real vocabulary: ``--coupled-adam-vocab-size``, else the tokenizer's.
+
+    The tokenizer is the one Megatron-LM built at initialisation; where there is none yet (a dry
+    run), it is built the way Megatron-LM builds it (``global_vars.build_tokenizer``, which also
+    sets ``args.padded_vocab_size``). Raises if that cannot be done: guessing from
+    ``--vocab-size`` would be wrong for tokenizers that add tokens (NullTokenizer adds one).
+    """
     if args.coupled_adam_vocab_size is not None:
         return args.coupled_adam_vocab_size
-    try:
-        from megatron.training.global_vars import get_tokenizer
+    from megatron.training import global_vars
 
-        return int(get_tokenizer().vocab_size)
-    except (AssertionError, AttributeError, ImportError):
-        return getattr(args, "vocab_size", None)
+    try:
+        return int(global_vars.get_tokenizer().vocab_size)
+    except AssertionError:  # not built yet
+        pass
+    try:
+        tokenizer = global_vars.build_tokenizer(args)
+    except Exception as error:  # the builder raises many kinds; say which and how to go on
+        raise ValueError(
+            f"--optimizer coupled_adam needs the vocabulary size; building the tokenizer "
+            f"(--tokenizer-type {getattr(args, 'tokenizer_type', None)}) the way Megatron-LM "
+            f"does failed: {type(error).__name__}: {error}. Fix the tokenizer arguments or pass "
+            "--coupled-adam-vocab-size N (the tokenizer's vocabulary, without padding).") from error
+    return int(tokenizer.vocab_size)
 
 
 def refuse_unsupported_args(args) -> None:
@@ -85,16 +112,17 @@ def refuse_unsupported_args(args) -> None:
 
 def wrap_get_megatron_optimizer_config(original):
     def get_megatron_optimizer_config(args):
-        if getattr(args, "optimizer", None) != OPTIMIZER_NAME:
+        scalar = getattr(args, "muon_scalar_optimizer", None) == OPTIMIZER_NAME
+        if not (getattr(args, "coupled_adam", False) or scalar):
             return original(args)
         refuse_unsupported_args(args)
-        adam_args = copy.copy(args)
-        adam_args.optimizer = "adam"
-        config, config_overrides = original(adam_args)
-        config.optimizer = OPTIMIZER_NAME
+        config, config_overrides = original(args)
+        if not scalar:  # under Muon the config stays muon; its scalar optimizer is ours
+            config.optimizer = OPTIMIZER_NAME
         config.coupled_adam_avg_scale = args.coupled_adam_avg_scale
         config.coupled_adam_count_padded_rows = args.coupled_adam_count_padded_rows
-        config.coupled_adam_vocab_size = _tokenizer_vocab_size(args)
+        config.coupled_adam_vocab_size = (None if args.coupled_adam_count_padded_rows
+                                          else tokenizer_vocab_size(args))
         settings(config)
         return config, config_overrides
 

@@ -1,14 +1,14 @@
 """megatron-core side: ``OptimizerConfig(optimizer="coupled_adam")`` in ``get_megatron_optimizer``.
 
-The inner optimizer is one :class:`MegatronCoupledAdam` per Megatron optimizer, holding Megatron's
-own param groups unchanged (so checkpoints match the ``adam`` path group for group). Parameters
-marked ``is_embedding_or_output_parameter`` are stepped with Coupled Adam, everything else with
-torch's AdamW functional, exactly as Megatron's torch fallback ``torch.optim.AdamW`` would
-(with TransformerEngine installed Megatron's own path is TE's FusedAdam: the same update, another
-kernel). Megatron's wrappers are built around it as 0.16 builds them (DistributedOptimizer as a
-subclass that only changes how checkpoint loading restores ``step``, see
-:func:`_compat.coupled_distributed_optimizer_class`; Float16OptimizerWithFloat16Params and
-FP32Optimizer unchanged); afterwards every coupled inner tensor gets a ShardGeometry.
+The inner optimizer is one :class:`MegatronCoupledAdam` per Megatron optimizer. Megatron builds
+its own ``adam`` optimizer (inner AdamW inside DistributedOptimizer,
+Float16OptimizerWithFloat16Params or FP32Optimizer); ours then takes the AdamW's place over the
+very param groups the wrapper gave it (so checkpoints match the ``adam`` path group for group),
+see :func:`_compat.replace_inner`. Copies of a vocabulary matrix (:func:`is_coupled_parameter`)
+are stepped with Coupled Adam, everything else with torch's AdamW functional, exactly as
+Megatron's torch fallback ``torch.optim.AdamW`` would (with TransformerEngine installed
+Megatron's own path is TE's FusedAdam: the same update, another kernel). Afterwards every coupled
+inner tensor gets a ShardGeometry, and one all-reduce checks that some rank holds one.
 
 Settings (attributes on the OptimizerConfig; :func:`coupled_adam_config` sets them):
 
@@ -29,11 +29,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 from coupled_ds import CoupledAdam
 
 from megatron_patch import _compat
-from megatron_patch.geometry import is_coupled_parameter, shard_geometry
+from megatron_patch.geometry import MARKERS, is_coupled_parameter, shard_geometry
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZER_NAME = "coupled_adam"
+OPTIMIZER_NAME = _compat.OPTIMIZER_NAME
 
 
 class MegatronCoupledAdam(CoupledAdam):
@@ -46,15 +46,24 @@ class MegatronCoupledAdam(CoupledAdam):
     DistributedOptimizer's checkpoint code reads when TransformerEngine or apex is installed.
     """
 
-    def __init__(self, params, *, vocab_size: int | None, **kwargs: Any) -> None:
+    def __init__(self, param_groups: list[dict[str, Any]], *, vocab_size: int | None,
+                 **kwargs: Any) -> None:
         self.vocab_size = vocab_size
         self._coupled: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        super().__init__(params, **kwargs)
+        super().__init__([{"params": []}], **kwargs)
+        # The groups as a Megatron wrapper left them for its own AdamW: their params may be views
+        # of model parameters (distributed-optimizer shards), which torch's add_param_group
+        # refuses, so they are taken over as the wrapper itself assigns them.
+        self.param_groups = [{**self.defaults, **group} for group in param_groups]
 
     def couple(self, tensor: torch.Tensor, geometry) -> None:
         """Step ``tensor`` with Coupled Adam; ``geometry`` says where it sits in its matrix."""
         self.set_geometry(tensor, geometry)
         self._coupled[tensor] = geometry.key
+
+    def coupled_names(self) -> set[str]:
+        """Keys (``chunk:parameter name``) of the coupled tensors on this rank."""
+        return set(self._coupled.values()) | {g.key for g, _ in self._empty_pieces}
 
     def initialize_state(self, p: torch.Tensor) -> None:
         """Create ``step``/``exp_avg``/``exp_avg_sq`` (Megatron's init_state_fn calls this)."""
@@ -118,10 +127,9 @@ def settings(config) -> dict[str, Any]:
     return dict(vocab_size=None if count_padded else vocab_size, avg_scale=avg_scale)
 
 
-def build_inner(config, param_groups: list[dict[str, Any]]) -> MegatronCoupledAdam | None:
-    """The inner optimizer, with the same hyperparameters Megatron gives torch.optim.AdamW."""
-    if not param_groups:
-        return None
+def build_inner(config, param_groups: list[dict[str, Any]]) -> MegatronCoupledAdam:
+    """The inner optimizer over the groups Megatron's wrapper gave its AdamW (same keys, so
+    checkpoints match the ``adam`` path group for group), same hyperparameters."""
     options = settings(config)
     return MegatronCoupledAdam(
         param_groups, lr=config.lr, weight_decay=config.weight_decay,
@@ -168,15 +176,65 @@ def _is_float8(param) -> bool:
     return is_float8tensor(param)
 
 
-def _log_summary(wrapper: str, found: int, inner: MegatronCoupledAdam) -> None:
+def _log_summary(wrapper: str, found: int, found_everywhere: int,
+                 inner: MegatronCoupledAdam | None) -> None:
     """One line on global rank 0 at setup."""
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        vocab = "all rows" if inner.vocab_size is None else f"first {inner.vocab_size} rows"
-        logger.info("coupled_adam: %d vocabulary matrix piece(s) on rank 0 coupled inside %s "
-                    "(column means over %s, avg_scale %s)", found, wrapper, vocab,
-                    inner.defaults["avg_scale"])
+    if inner is None or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    vocab = "all rows" if inner.vocab_size is None else f"first {inner.vocab_size} rows"
+    logger.info("coupled_adam: %d vocabulary matrix piece(s) coupled on all ranks, %d on rank 0 "
+                "(%s) inside %s; column means over %s, avg_scale %s", found_everywhere, found,
+                ", ".join(sorted(inner.coupled_names())) or "none", wrapper, vocab,
+                inner.defaults["avg_scale"])
+
+
+def _copy_elsewhere(model_chunks, here: set[int]) -> str | None:
+    """Why a copy of a vocabulary matrix went to another optimizer of the run (Muon's matrix
+    optimizer takes 2-D weights without ``is_embedding_or_output_parameter``), or None."""
+    for index, chunk in enumerate(model_chunks):
+        for name, param in chunk.named_parameters():
+            if param.requires_grad and is_coupled_parameter(param) and id(param) not in here:
+                return (
+                    f"{index}:{name} (shape {tuple(param.shape)}) is a copy of a vocabulary "
+                    f"matrix ({' / '.join(m for m in MARKERS if getattr(param, m, False))}) but "
+                    "is stepped by another optimizer of this run, not coupled_adam. With Muon, "
+                    "mark it is_embedding_or_output_parameter=True so that Muon hands it to its "
+                    "scalar optimizer (muon_scalar_optimizer='coupled_adam').")
+    return None
+
+
+def check_coupled_somewhere(found: int, misplaced: str | None = None) -> int:
+    """Sum ``found`` over every rank (one all-reduce); raise on every rank if it is 0, or if
+    any rank has a vocabulary copy stepped by another optimizer (``misplaced``).
+
+    Per rank, 0 is legitimate (a middle pipeline stage holds no vocabulary matrix); on all ranks
+    together it means the model carries none of the markers and every parameter would be stepped
+    with plain AdamW.
+    """
+    import torch.distributed as dist
+
+    total, misplaced_ranks = found, int(misplaced is not None)
+    if dist.is_initialized():
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if dist.get_backend() == "nccl" else torch.device("cpu"))
+        counts = torch.tensor([found, misplaced_ranks], dtype=torch.int64, device=device)
+        dist.all_reduce(counts)
+        total, misplaced_ranks = (int(c) for c in counts.tolist())
+    if misplaced_ranks:
+        raise _compat.UnsupportedMegatronError(
+            misplaced or f"{misplaced_ranks} other rank(s) hold a copy of a vocabulary matrix "
+            "that another optimizer of this run steps (see their error).")
+    if total == 0:
+        raise ValueError(
+            "optimizer='coupled_adam' found no vocabulary matrix on any rank, so every parameter "
+            "would be stepped with plain AdamW. Megatron's LanguageModule marks them; a custom "
+            "model must set one of the attributes " + " / ".join(MARKERS) + " to True on its "
+            "embedding and output weights (e.g. model.embedding.word_embeddings.weight."
+            "is_embedding_or_output_parameter = True; shared_embedding on a copy kept in step "
+            "with another stage's), or use optimizer='adam'.")
+    return total
 
 
 def make_factory(original):
@@ -188,16 +246,27 @@ def make_factory(original):
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         config = arguments["config"]
-        if getattr(config, "optimizer", None) != OPTIMIZER_NAME:
+        if not _compat.wants_coupled_adam(config):
             return original(*args, **kwargs)
-        _compat.refuse_unsupported(config, arguments["model_chunks"])
-        inner = build_inner(config, arguments["param_groups"])
-        optimizer = _compat.wrap_like_megatron(inner, _init_state_fn if inner else None,
-                                               **arguments)
-        if inner is not None:
+        _compat.refuse_unsupported(config, arguments["model_chunks"],
+                                   skip_megatron_wrapping=arguments.get("skip_megatron_wrapping",
+                                                                        False))
+        settings(config)  # before anything is built
+        # The model parameters this call steps (the wrappers replace them in the groups).
+        here = {id(p) for group in arguments["param_groups"] for p in group["params"]}
+        # Megatron's own adam optimizer, then ours in place of its AdamW, over the same groups.
+        optimizer = original(**{**arguments, "config": _compat.as_adam(config)})
+        optimizer.config = config
+        inner, found = None, 0
+        if optimizer.optimizer is not None:
+            inner = build_inner(config, optimizer.optimizer.param_groups)
+            _compat.replace_inner(optimizer, inner, _init_state_fn)
             tp_group = _compat.tensor_parallel_group(arguments.get("pg_collection"))
             found = attach_geometries(optimizer, inner, arguments["model_chunks"], tp_group)
-            _log_summary(type(optimizer).__name__, found, inner)
+        if _compat.is_dense_call(arguments):  # every rank makes this call exactly once
+            misplaced = _copy_elsewhere(arguments["model_chunks"], here)
+            total = check_coupled_somewhere(found, misplaced)
+            _log_summary(type(optimizer).__name__, found, total, inner)
         return optimizer
 
     _get_megatron_optimizer_based_on_param_groups.__wrapped__ = original

@@ -25,9 +25,21 @@ from coupled_ds.geometry import ShardGeometry
 from megatron_patch._compat import InnerTensor, UnsupportedMegatronError
 
 
+#: The parameter attributes that mark a copy of a vocabulary matrix (a custom model sets one).
+MARKERS = ("is_embedding_or_output_parameter", "shared_embedding")
+
+
 def is_coupled_parameter(param: torch.nn.Parameter) -> bool:
-    """Megatron's marker on ``embedding.word_embeddings.weight`` and ``output_layer.weight``."""
-    return bool(getattr(param, "is_embedding_or_output_parameter", False))
+    """Any copy of a vocabulary matrix, by Megatron's markers.
+
+    ``is_embedding_or_output_parameter``: ``embedding.word_embeddings.weight`` where
+    ``pre_process``, ``output_layer.weight`` where ``post_process``. ``shared_embedding``: the
+    copies kept in step with stage 0's embedding by the embedding-group gradient all-reduce -- the
+    tied output matrix on the last stage, and the multi-token-prediction copy of the word
+    embedding there, which megatron-core 0.16 marks with nothing else
+    (``LanguageModule.setup_embeddings_and_output_layer``; 0.19 marks it both ways).
+    """
+    return any(getattr(param, marker, False) for marker in MARKERS)
 
 
 def _group_size(group) -> int:

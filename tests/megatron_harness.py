@@ -32,10 +32,28 @@ class RunSpec:
     checkpoint_at: int | None = None         # save/reload through sharded_state_dict here
     bucket_size: int | None = None           # small: every parameter is its own DP-sharded bucket
     ckpt_format: str = "dp_reshardable"      # Megatron-LM's default; or "fully_reshardable"
-    pp: int = 1                              # 2: tied copies on first and last stage
+    pp: int = 1                              # >1: tied copies on first and last stage
     te_step_path: bool = False               # DistributedOptimizer's TE/apex branches for `step`
-    optimizer: str = "coupled_adam"          # "adam": Megatron's own path, for comparisons
+    optimizer: str = "coupled_adam"          # "adam": Megatron's own path, for comparisons;
+                                             # "muon": 0.19's Muon, muon_scalar for the rest
+    muon_scalar: str = "coupled_adam"
     synthetic: bool = False                  # gradients keyed by global (row, col), not a model
+    model: str = "tiny"                      # "gpt_mtp": megatron-core's GPTModel + 1 MTP layer
+    v016_markers: bool = False               # mark the MTP copy as megatron-core 0.16 does
+                                             # (shared_embedding only; 0.19 marks it both ways)
+    legacy_rule: bool = False                # negative control: couple by is_embedding_or_output
+                                             # _parameter only (with v016_markers the MTP copy
+                                             # then gets AdamW)
+    unmarked: bool = False                   # TinyLM without markers (get_megatron_optimizer
+                                             # must raise on every rank)
+
+
+VOCAB_NAMES = ("word_embeddings.weight", "output_layer.weight")
+
+
+def is_vocab(key: str) -> bool:
+    """A copy of a vocabulary matrix, by parameter name (independent of megatron_patch's rule)."""
+    return key.endswith(VOCAB_NAMES)
 
 
 def _model_class():
@@ -58,7 +76,7 @@ def _model_class():
     class TinyLM(MegatronModule):
         """Embedding -> one residual MLP -> vocabulary-parallel output layer (tied or not)."""
 
-        def __init__(self, config, v_pad: int, tied: bool):
+        def __init__(self, config, v_pad: int, tied: bool, marked: bool = True):
             super().__init__(config)
             init = torch.nn.init.normal_
             self.tied = tied
@@ -71,9 +89,9 @@ def _model_class():
                 H, v_pad, config=config, init_method=init, bias=False, gather_output=False,
                 skip_weight_param_allocation=tied)
             # What LanguageModule.setup_embeddings_and_output_layer marks.
-            self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
+            self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = marked
             if not tied:
-                self.output_layer.weight.is_embedding_or_output_parameter = True
+                self.output_layer.weight.is_embedding_or_output_parameter = marked
 
         def forward(self, tokens, labels):
             h = self.embedding.word_embeddings(tokens)                       # [B, S, H]
@@ -85,15 +103,19 @@ def _model_class():
     class TinyStage(MegatronModule):
         """One pipeline stage of a tied model (parameters only; stepped with synthetic grads):
         stage 0 holds the embedding, the last stage its copy as the output layer, marked as
-        LanguageModule marks it (``shared_embedding``, ``is_embedding_or_output_parameter``)."""
+        LanguageModule marks it (``shared_embedding``, ``is_embedding_or_output_parameter``);
+        middle stages hold no vocabulary matrix."""
 
-        def __init__(self, config, v_pad: int, first: bool):
+        def __init__(self, config, v_pad: int, first: bool, last: bool):
             super().__init__(config)
             init = torch.nn.init.normal_
             torch.manual_seed(1234)  # both copies start equal (Megatron copies stage 0's)
             if first:
                 self.embedding = Embedding(config, v_pad)
                 self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
+                self.fc1 = ColumnParallelLinear(H, F_HIDDEN, config=config, init_method=init,
+                                                bias=True, gather_output=False)
+            elif not last:
                 self.fc1 = ColumnParallelLinear(H, F_HIDDEN, config=config, init_method=init,
                                                 bias=True, gather_output=False)
             else:
@@ -108,6 +130,24 @@ def _model_class():
     return TinyLM, TinyStage
 
 
+def _gpt_mtp(config, v_pad: int, tied: bool):
+    """megatron-core's GPTModel (local layers) with one multi-token-prediction layer, which lives
+    on the last pipeline stage with its own copy of the word embedding."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_mtp_block_spec,
+    )
+
+    spec = get_gpt_layer_local_spec()
+    last = parallel_state.is_pipeline_last_stage()
+    mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False) if last else None
+    return GPTModel(config, spec, vocab_size=v_pad, max_sequence_length=SEQ,
+                    pre_process=parallel_state.is_pipeline_first_stage(), post_process=last,
+                    share_embeddings_and_output_weights=tied, mtp_block_spec=mtp)
+
+
 def _build(spec: RunSpec):
     import megatron_patch
     from megatron.core import parallel_state
@@ -118,16 +158,21 @@ def _build(spec: RunSpec):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.precision]
     config = TransformerConfig(
         num_layers=spec.pp, hidden_size=H, num_attention_heads=spec.tp,
+        mtp_num_layers=1 if spec.model == "gpt_mtp" else None,
         use_cpu_initialization=True, tensor_model_parallel_size=spec.tp,
         pipeline_model_parallel_size=spec.pp, params_dtype=dtype, bf16=spec.precision == "bf16",
         fp16=spec.precision == "fp16", pipeline_dtype=dtype)
     torch.manual_seed(1234)  # CPU init draws the full master weights: same for every TP degree
     lm, stage = _model_class()
-    if spec.pp > 1:
-        first = parallel_state.is_pipeline_first_stage()
-        model = stage(config, spec.v_pad, first).to(dtype)
+    if spec.model == "gpt_mtp":
+        model = _gpt_mtp(config, spec.v_pad, spec.tied).to(dtype)
+        if spec.v016_markers and not parallel_state.is_pipeline_first_stage():
+            model.embedding.word_embeddings.weight.is_embedding_or_output_parameter = False
+    elif spec.pp > 1:
+        model = stage(config, spec.v_pad, parallel_state.is_pipeline_first_stage(),
+                      parallel_state.is_pipeline_last_stage()).to(dtype)
     else:
-        model = lm(config, spec.v_pad, spec.tied).to(dtype)
+        model = lm(config, spec.v_pad, spec.tied, marked=not spec.unmarked).to(dtype)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=spec.distopt,
         overlap_grad_reduce=spec.bucket_size is not None, bucket_size=spec.bucket_size)
@@ -135,10 +180,21 @@ def _build(spec: RunSpec):
     opt_config = megatron_patch.coupled_adam_config(
         vocab_size=V_REAL, count_padded_rows=spec.count_padded, **HP, clip_grad=0.0,
         optimizer=spec.optimizer,
+        **({"muon_scalar_optimizer": spec.muon_scalar} if spec.optimizer == "muon" else {}),
         bf16=spec.precision == "bf16", fp16=spec.precision == "fp16",
         loss_scale=1.0 if spec.precision == "fp16" else None, params_dtype=dtype,
         use_distributed_optimizer=spec.distopt)
-    optimizer = get_megatron_optimizer(opt_config, [model])
+    if spec.legacy_rule:  # the rule before MTP copies were coupled
+        from megatron_patch import core
+
+        rule = core.is_coupled_parameter
+        core.is_coupled_parameter = lambda p: bool(getattr(p, "is_embedding_or_output_parameter",
+                                                           False))
+    try:
+        optimizer = get_megatron_optimizer(opt_config, [model])
+    finally:
+        if spec.legacy_rule:
+            core.is_coupled_parameter = rule
     if spec.reduce != ("tp", "dp"):
         _drop_reductions(optimizer, spec.reduce, parallel_state.get_tensor_model_parallel_group())
     return model, optimizer
@@ -174,7 +230,7 @@ def _synthetic_grads(model, step, tp_rank):
     """Reduced gradients that depend only on the global element, whatever TP degree and padding:
     row i of a vocabulary matrix gets the same values for V_pad = 40 and 48."""
     for index, (name, p) in enumerate(_named(model)):
-        coupled = getattr(p, "is_embedding_or_output_parameter", False)
+        coupled = is_vocab(name)
         # Vocabulary matrices share one seed: tied copies on two pipeline stages get the same
         # gradient, as Megatron's embedding-group all-reduce gives them.
         gen = torch.Generator().manual_seed(100 * step + (99 if coupled else index))
@@ -202,7 +258,14 @@ def _megatron_range(optimizer, param):
 
 
 def _named(model):
-    return [(n.removeprefix("module."), p) for n, p in model.named_parameters()]
+    """(key, parameter): the name, prefixed with the pipeline stage when there are several
+    (stages reuse local names such as ``decoder.layers.0``)."""
+    from megatron.core import parallel_state
+
+    prefix = ""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        prefix = f"s{parallel_state.get_pipeline_model_parallel_rank()}/"
+    return [(prefix + n.removeprefix("module."), p) for n, p in model.named_parameters()]
 
 
 def _grad_pieces(model, optimizer, tp_rank):
@@ -288,7 +351,8 @@ def train(spec: RunSpec) -> dict:
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         dp_rank = parallel_state.get_data_parallel_rank()
         model, optimizer = _build(spec)
-        result = {"initial": _initial_pieces(model, tp_rank), "grads": [], "groups": []}
+        result = {"initial": _initial_pieces(model, tp_rank), "grads": [], "groups": [],
+                  "shapes": {n: tuple(p.shape) for n, p in _named(model)}}
         inner_opt = optimizer.chained_optimizers[0]
         for step in range(spec.steps):
             if spec.checkpoint_at is not None and step == spec.checkpoint_at:
@@ -342,26 +406,42 @@ def refusals() -> dict[str, str]:
     return out
 
 
+def unmarked() -> str:
+    """What get_megatron_optimizer says, on this rank, for a model with no marked matrix."""
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size())
+    try:
+        _build(RunSpec(tp=dist.get_world_size(), distopt=False, steps=0, unmarked=True))
+        return "accepted"
+    except ValueError as error:
+        return f"{type(error).__name__}: {error}"
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
 def run_specs(rank: int, world: int, specs: list) -> list:
-    """run_on_ranks entry point: one spawn, many configurations (RunSpec or "refusals")."""
+    """run_on_ranks entry point: one spawn, many configurations (RunSpec, "refusals" or
+    "unmarked")."""
     from tests import megatron_shim
 
     megatron_shim.install()
     import megatron_patch
 
     megatron_patch.apply(training=False)
-    return [refusals() if spec == "refusals" else train(spec) for spec in specs]
+    extras = {"refusals": refusals, "unmarked": unmarked}
+    return [extras[spec]() if isinstance(spec, str) else train(spec) for spec in specs]
 
 
-def assemble(results_by_rank: list[dict], key: str, v_pad: int, tp: int,
-             step: int | None = None) -> dict[str, torch.Tensor]:
+def assemble(results_by_rank: list[dict], key: str, step: int | None = None
+             ) -> dict[str, torch.Tensor]:
     """Full fp32 tensors from (tp_rank, name, start, values) pieces of every rank.
 
-    Vocabulary-parallel weights ([V/tp, H] blocks) are stacked by TP rank; other TP-split
-    weights are only compared per TP rank block, so they are keyed by ``name@tp_rank``.
+    Vocabulary matrices ([V/tp, H] blocks) are stacked by TP rank; other TP-split weights are
+    only compared per TP rank block, so they are keyed by ``name@tp_rank``.
     """
+    shapes = {n: torch.Size(shape) for r in results_by_rank for n, shape in r["shapes"].items()}
     blocks: dict[tuple[int, str], torch.Tensor] = {}
-    shapes = _shapes(v_pad, tp)
     for result in results_by_rank:
         pieces = result[key] if step is None else result[key][step]
         for tp_rank, name, start, values in pieces:
@@ -370,10 +450,10 @@ def assemble(results_by_rank: list[dict], key: str, v_pad: int, tp: int,
             flat[start:start + values.numel()] = values
     out: dict[str, torch.Tensor] = {}
     for name, shape in shapes.items():
-        parts = [blocks[(r, name)].view(shape) for r in range(tp) if (r, name) in blocks]
+        parts = [blocks[(r, n)].view(shape) for (r, n) in sorted(blocks) if n == name]
         if not parts:
             continue
-        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if is_vocab(name):
             out[name] = torch.cat(parts, 0)
         else:
             for r, part in enumerate(parts):
@@ -381,12 +461,3 @@ def assemble(results_by_rank: list[dict], key: str, v_pad: int, tp: int,
     for name, tensor in out.items():
         assert not torch.isnan(tensor).any(), f"{key}: elements of {name} missing"
     return out
-
-
-def _shapes(v_pad: int, tp: int) -> dict[str, torch.Size]:
-    return {"embedding.word_embeddings.weight": torch.Size([v_pad // tp, H]),
-            "output_layer.weight": torch.Size([v_pad // tp, H]),
-            "fc1.weight": torch.Size([F_HIDDEN // tp, H]),
-            "fc1.bias": torch.Size([F_HIDDEN // tp]),
-            "fc2.weight": torch.Size([H, F_HIDDEN // tp]),
-            "fc2.bias": torch.Size([H])}
