@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from coupled_ds.geometry import ShardGeometry
 from coupled_ds.groups import NoEmbeddingFoundError, coupled_param_groups, find_coupled_parameters
 from coupled_ds.optimizer import CoupledAdam
 
@@ -102,12 +103,6 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
     if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
         raise ValueError(f"DeepSpeed config optimizer.params.coupled_params={names!r} must be a "
                          "list of regex strings over parameter names, e.g. ['embed', 'lm_head'].")
-    if any(hasattr(p, "ds_id") for p in module.parameters()):
-        raise ValueError(
-            f"DeepSpeed optimizer {OPTIMIZER_NAME!r}: the model was built under "
-            "deepspeed.zero.Init, so its parameters are already partitioned and the [V, H] "
-            "embedding cannot be found by shape. Build the model outside zero.Init (ZeRO stage 3 "
-            "still partitions it at deepspeed.initialize).")
     weight_decay = params.get("weight_decay", 1e-2)
     embedding_wd = params.get("embedding_weight_decay", 0.0)
     vocab_size = params.get("vocab_size")
@@ -121,10 +116,12 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
         if user_groups is None:
             groups = coupled_param_groups(module, weight_decay=weight_decay,
                                           embedding_weight_decay=embedding_wd, names=names,
-                                          vocab_size=vocab_size, avg_scale=params.get("avg_scale"))
+                                          vocab_size=vocab_size, avg_scale=params.get("avg_scale"),
+                                          shape_of=logical_shape)
         else:
-            coupled = find_coupled_parameters(module, names=names)
-            coupled_param_groups(module, names=names, vocab_size=vocab_size)  # same checks
+            coupled = find_coupled_parameters(module, names=names, shape_of=logical_shape)
+            coupled_param_groups(module, names=names, vocab_size=vocab_size,
+                                 shape_of=logical_shape)  # same checks
             groups = _split_user_groups(user_groups, coupled, embedding_wd, vocab_size)
     except NoEmbeddingFoundError as err:
         raise NoEmbeddingFoundError(
@@ -143,11 +140,49 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
     kwargs = {k: params[k] for k in ("lr", "eps", "avg_scale") if k in params}
     if "betas" in params:
         kwargs["betas"] = tuple(params["betas"])
-    optimizer = CoupledAdam(groups, weight_decay=weight_decay, **kwargs)
+    optimizer = CoupledAdam(groups, weight_decay=weight_decay,
+                            geometries=_partitioned_placeholders(groups), **kwargs)
     for group in optimizer.param_groups:
         if group["coupled"] and global_vocab_size is not None:
             group["vocab_size"] = global_vocab_size
     return optimizer
+
+
+def logical_shape(p: torch.Tensor) -> torch.Size:
+    """The full shape of ``p``, also when ``deepspeed.zero.Init`` has already partitioned it
+    (then ``p`` holds an empty placeholder and DeepSpeed records the shape in ``ds_shape``)."""
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+def _partitioned_placeholders(groups: list[dict[str, Any]]
+                              ) -> list[tuple[torch.Tensor, ShardGeometry]]:
+    """Geometries for coupled parameters that ``zero.Init`` already partitioned.
+
+    Such a parameter holds no element (its data is an empty placeholder until ZeRO-3 gathers it),
+    so it is declared as a ``numel=0`` piece of its [V, H] matrix; the ZeRO-3 adapter
+    (:func:`coupled_ds.zero.attach_geometry`) replaces it with the fp32 partition's geometry
+    before the first step.
+    """
+    pairs = []
+    for group in groups:
+        if not group.get("coupled"):
+            continue
+        for p, name in zip(group["params"], group["coupled_names"]):
+            if hasattr(p, "ds_shape"):
+                rows, cols = p.ds_shape
+                pairs.append((p, ShardGeometry(name, rows, cols, start_global_flat=0, numel=0)))
+    return pairs
+
+
+def _check_partitioned(engine: Any) -> None:
+    """A model built under ``deepspeed.zero.Init`` trains only under ZeRO stage 3."""
+    partitioned = [n for n, p in engine.module.named_parameters() if hasattr(p, "ds_id")]
+    if partitioned and engine.zero_optimization_stage() != 3:
+        raise ValueError(
+            f"DeepSpeed optimizer {OPTIMIZER_NAME!r}: the model was built under "
+            f"deepspeed.zero.Init (e.g. {partitioned[0]!r} is partitioned) but "
+            f"zero_optimization.stage={engine.zero_optimization_stage()}; such a model needs "
+            "stage 3. Set zero_optimization.stage=3 or build the model outside zero.Init.")
 
 
 # ---------------------------------------------------------------------- engine patches
@@ -172,6 +207,7 @@ def _configure_basic_optimizer(original, engine, model_parameters):
     if not is_coupled_name(engine.optimizer_name()) or engine.client_optimizer:
         return original(engine, model_parameters)
     _check_offload(engine)
+    _check_partitioned(engine)
     return build_optimizer(engine.module, model_parameters, engine.optimizer_params())
 
 

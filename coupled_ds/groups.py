@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,14 @@ def _named_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _detect(model: nn.Module, params: dict[str, nn.Parameter]) -> list[str]:
+ShapeOf = Callable[[torch.Tensor], torch.Size]
+
+
+def _own_shape(p: torch.Tensor) -> torch.Size:
+    return p.shape
+
+
+def _detect(model: nn.Module, params: dict[str, nn.Parameter], shape_of: ShapeOf) -> list[str]:
     """Names of token-embedding and vocabulary-output matrices, by module type and shape."""
     by_id = {id(p): n for n, p in params.items()}
     chosen: list[str] = []
@@ -38,22 +45,25 @@ def _detect(model: nn.Module, params: dict[str, nn.Parameter]) -> list[str]:
             chosen.append(name)
 
     for p in params.values():
-        if getattr(p, "is_embedding_or_output_parameter", False) and p.dim() == 2:
+        if getattr(p, "is_embedding_or_output_parameter", False) and len(shape_of(p)) == 2:
             take(p)
     embeddings = [
         (name, m) for name, m in model.named_modules()
         if isinstance(m, nn.Embedding) and not _POSITIONAL.search(name)
     ]
-    vocab_rows = max((m.weight.shape[0] for _, m in embeddings), default=None)
-    hidden = {m.weight.shape[1] for _, m in embeddings if m.weight.shape[0] == vocab_rows}
-    for _, m in embeddings:
-        if m.weight.shape[0] == vocab_rows:
+    shapes = {name: shape_of(m.weight) for name, m in embeddings}
+    vocab_rows = max((shape[0] for shape in shapes.values()), default=None)
+    hidden = {shape[1] for shape in shapes.values() if shape[0] == vocab_rows}
+    for name, m in embeddings:
+        if shapes[name][0] == vocab_rows:
             take(m.weight)
     if vocab_rows is not None:
         for _, m in model.named_modules():
             weight = getattr(m, "weight", None)
-            if (isinstance(m, nn.Linear) and weight is not None
-                    and weight.shape[0] == vocab_rows and weight.shape[1] in hidden):
+            if not isinstance(m, nn.Linear) or weight is None:
+                continue
+            rows, cols = shape_of(weight)
+            if rows == vocab_rows and cols in hidden:
                 take(weight)
     return chosen
 
@@ -62,6 +72,7 @@ def find_coupled_parameters(
     model: nn.Module,
     *,
     names: Sequence[str] | None = None,
+    shape_of: ShapeOf = _own_shape,
 ) -> list[tuple[str, nn.Parameter]]:
     """The (name, parameter) pairs Coupled Adam should couple.
 
@@ -72,13 +83,15 @@ def find_coupled_parameters(
     Args:
         model: The model.
         names: Regexes over parameter names (``re.search``); when given, they alone decide.
+        shape_of: The logical shape of a parameter (an engine that has already partitioned the
+            parameters passes the full shape it recorded; default ``p.shape``).
     """
     params = _named_params(model)
     if names is not None:
         patterns = [re.compile(n) for n in names]
         chosen = [n for n in params if any(p.search(n) for p in patterns)]
     else:
-        chosen = _detect(model, params)
+        chosen = _detect(model, params, shape_of)
     return [(n, params[n]) for n in chosen]
 
 
@@ -91,6 +104,7 @@ def coupled_param_groups(
     vocab_size: int | None = None,
     avg_scale: float | None = None,
     allow_no_embedding: bool = False,
+    shape_of: ShapeOf = _own_shape,
 ) -> list[dict[str, Any]]:
     """Param groups for :class:`~coupled_ds.CoupledAdam`: coupled, decay and no-decay.
 
@@ -107,12 +121,13 @@ def coupled_param_groups(
             column mean. Default: every row counts.
         avg_scale: ``avg_scale`` of the coupled groups (default: the optimizer's).
         allow_no_embedding: Return plain AdamW groups instead of raising when nothing is found.
+        shape_of: The logical shape of a parameter, as in :func:`find_coupled_parameters`.
 
     Raises:
         NoEmbeddingFoundError: Nothing matched and ``allow_no_embedding`` is False.
         ValueError: A selected parameter is not 2-D, or ``vocab_size`` exceeds its rows.
     """
-    coupled = find_coupled_parameters(model, names=names)
+    coupled = find_coupled_parameters(model, names=names, shape_of=shape_of)
     if not coupled and not allow_no_embedding:
         how = f"names={list(names)!r} matched no parameter" if names is not None else (
             "no nn.Embedding, output projection or is_embedding_or_output_parameter was found")
@@ -122,14 +137,15 @@ def coupled_param_groups(
     groups: list[dict[str, Any]] = []
     coupled_ids = set()
     for name, p in coupled:
-        if p.dim() != 2:
+        shape = shape_of(p)
+        if len(shape) != 2:
             raise ValueError(
-                f"Coupled parameter {name!r} has shape {tuple(p.shape)}; coupled parameters must be "
+                f"Coupled parameter {name!r} has shape {tuple(shape)}; coupled parameters must be "
                 "2-D [V, H] with rows = vocabulary. Narrow names=[...] to the embedding matrices.")
-        if vocab_size is not None and vocab_size > p.shape[0]:
+        if vocab_size is not None and vocab_size > shape[0]:
             raise ValueError(
                 f"Coupled parameter {name!r}: vocab_size={vocab_size} is larger than its "
-                f"{p.shape[0]} rows. Pass the real vocabulary size (<= the rows).")
+                f"{shape[0]} rows. Pass the real vocabulary size (<= the rows).")
         group: dict[str, Any] = {"params": [p], "coupled": True, "coupled_names": [name],
                                  "weight_decay": embedding_weight_decay, "vocab_size": vocab_size}
         if avg_scale is not None:
@@ -139,12 +155,12 @@ def coupled_param_groups(
     decay, no_decay = [], []
     for name, p in _named_params(model).items():
         if id(p) not in coupled_ids:
-            (decay if p.dim() >= 2 else no_decay).append((name, p))
+            (decay if len(shape_of(p)) >= 2 else no_decay).append((name, p))
     for members, wd in ((decay, weight_decay), (no_decay, 0.0)):
         if members:
             groups.append({"params": [p for _, p in members], "weight_decay": wd})
     logger.info(
         "coupled_ds: coupling %s; %d decayed and %d undecayed other tensors",
-        ", ".join(f"{n} {tuple(p.shape)}" for n, p in coupled) or "nothing",
+        ", ".join(f"{n} {tuple(shape_of(p))}" for n, p in coupled) or "nothing",
         len(decay), len(no_decay))
     return groups
