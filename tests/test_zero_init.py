@@ -7,6 +7,8 @@ on 2 and 3 gloo ranks; a negative control without the cross-rank reduction fails
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Any
 
 import pytest
@@ -31,6 +33,20 @@ def make_untied(dtype: torch.dtype = torch.float32) -> H.TinyLM:
     return model.to(dtype)
 
 
+def setup_message(stderr: str) -> list[str]:
+    """The lines of coupled_ds's setup message in a process's stderr (empty if none)."""
+    lines = stderr.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("[coupled_ds] ")]
+    if not starts:
+        return []
+    block = [lines[starts[0]]]
+    for line in lines[starts[0] + 1:]:
+        if not line.startswith("  "):
+            break
+        block.append(line)
+    return block
+
+
 def _job(label: str, *, untied: bool = False, offload: bool = False, sub_group: bool = False,
          no_reduce: bool = False, **params: Any) -> dict[str, Any]:
     return dict(label=label, untied=untied, offload=offload, sub_group=sub_group,
@@ -52,8 +68,10 @@ def _run(rank: int, world: int, jobs: list[dict[str, Any]]) -> dict[str, Any]:
             model = make_untied() if job["untied"] else H.make_model()
         assert all(hasattr(p, "ds_id") for p in model.parameters()), "zero.Init did not partition"
         assert model.tok.weight.numel() == 0, "zero.Init left the embedding whole"
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                          config=cfg)
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                              config=cfg)
+        out["setup", job["label"]] = setup_message(err.getvalue())
         if job["no_reduce"]:
             H.drop_reduction(engine)
         H.train(engine, rank, 0, STEPS)
@@ -71,7 +89,7 @@ def _jobs(world: int) -> list[dict[str, Any]]:
     if world == 3:
         return [_job("tied"), _job("untied-offload", untied=True, offload=True)]
     return [_job("tied"), _job("tied-offload-subgroups", offload=True, sub_group=True),
-            _job("untied"), _job("untied-subgroups", untied=True, sub_group=True),
+            _job("untied", untied=True), _job("untied-subgroups", untied=True, sub_group=True),
             _job("tied-vocab", vocab_size=H.REAL_VOCAB),
             _job("untied-regex", untied=True, coupled_params=[r"^tok\.", r"^head\."]),
             _job("tied-no-reduce", no_reduce=True)]
@@ -93,6 +111,16 @@ def test_zero_init_matches_single_process(world):
             assert any(start % H.H for start, _ in mine[1:]), f"{key}: no mid-row cut"
         if job["sub_group"]:
             assert got["split", job["label"]], "sub_group_size did not split a param group"
+    # rank 0 says what was coupled, without any logging set-up; the other ranks stay quiet
+    setup = got["setup", "untied" if world == 2 else "untied-offload"]
+    print("\n".join(setup))
+    assert setup[0].startswith("[coupled_ds] CoupledAdam under DeepSpeed ZeRO stage 3"), setup
+    for words in (["tok.weight [37, 8], column mean over 37 of 37 rows",
+                   f"data-parallel size {world}"], ["head.weight [37, 8]"]):
+        assert any(all(w in line for w in words) for line in setup[1:]), (words, setup)
+    assert world == 2 or "offloaded to CPU" in setup[0], setup
+    assert world == 3 or "over 33 of 37 rows" in "".join(got["setup", "tied-vocab"])
+    assert all(not out["setup", job["label"]] for out in by_rank[1:] for job in jobs)
     for job in jobs:
         label = job["label"]
         make = make_untied if job["untied"] else H.make_model
