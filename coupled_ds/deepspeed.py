@@ -80,6 +80,27 @@ def _split_user_groups(user_groups: list[dict[str, Any]], coupled: list[tuple[st
     return groups
 
 
+# "auto" values that Hugging Face fills in before DeepSpeed sees the config (DESIGN §5.4).
+_TRAINER_FILLS = ("lr", "betas", "eps", "weight_decay")
+_ACCELERATE_FILLS = ("lr", "weight_decay")
+
+
+def _check_auto(params: Mapping[str, Any]) -> None:
+    """Refuse ``"auto"`` left in ``optimizer.params``: nobody filled it in."""
+    left = sorted(k for k, v in params.items() if v == "auto")
+    if not left:
+        return
+    ours = [k for k in left if k not in _TRAINER_FILLS]
+    if ours:
+        why = (f"{ours} cannot be \"auto\": neither Hugging Face Trainer nor Accelerate knows "
+               f"them. Write their values")
+    else:
+        why = (f"Trainer fills {list(_TRAINER_FILLS)} from TrainingArguments, Accelerate only "
+               f"{list(_ACCELERATE_FILLS)} (from DummyOptim): under Accelerate write the others")
+    raise ValueError(f"DeepSpeed config optimizer.params {left} still \"auto\" at "
+                     f"deepspeed.initialize for type {OPTIMIZER_NAME!r}. {why} in the config.")
+
+
 def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
                     params: Mapping[str, Any] | None) -> CoupledAdam:
     """``CoupledAdam`` from ``cfg["optimizer"]["params"]`` over the parameters DeepSpeed was given.
@@ -99,6 +120,7 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
             f"DeepSpeed config optimizer.params has unknown key(s) {unknown} for type "
             f"{OPTIMIZER_NAME!r}. Accepted keys: {list(ACCEPTED_PARAMS)}. (Gradient clipping is "
             "the top-level 'gradient_clipping' key.)")
+    _check_auto(params)
     names = params.get("coupled_params")
     if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
         raise ValueError(f"DeepSpeed config optimizer.params.coupled_params={names!r} must be a "

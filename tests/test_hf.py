@@ -121,7 +121,7 @@ def _trainer_run(model_dir: str, out_dir: str, stage: int, *, resume: str | None
     return embedding, setup_message(err.getvalue())
 
 
-def _accelerate_run(model_dir: str) -> torch.Tensor:
+def _accelerate_run(model_dir: str, betas: Any = BETAS) -> torch.Tensor:
     """The loop of Accelerate's DeepSpeed examples, with DummyOptim standing for the config's
     optimizer. Accelerate fills only lr and weight_decay; betas and eps are written out."""
     from accelerate import Accelerator, DeepSpeedPlugin
@@ -133,7 +133,7 @@ def _accelerate_run(model_dir: str) -> torch.Tensor:
     cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
            "gradient_clipping": 0.0, "zero_optimization": {"stage": 2},
            "optimizer": {"type": "CoupledAdam",
-                         "params": {"lr": "auto", "weight_decay": "auto", "betas": list(BETAS),
+                         "params": {"lr": "auto", "weight_decay": "auto", "betas": betas,
                                     "eps": EPS, "embedding_weight_decay": 0.0}}}
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg),
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
@@ -183,6 +183,14 @@ def _run(rank: int, world: int, root: str, model_dir: str) -> dict[str, Any]:
             model_dir, os.path.join(root, f"zero{stage}-resumed"), stage, resume=checkpoint)
     out["trainer-zero2-no-reduce"], _ = _trainer_run(model_dir, os.path.join(root, "nr"), 2,
                                                      no_reduce=True)
+    try:  # Accelerate does not fill betas
+        _accelerate_run(model_dir, betas="auto")
+        out["accelerate-betas-auto"] = "no error"
+    except ValueError as err:
+        out["accelerate-betas-auto"] = str(err)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
     out["accelerate-zero2"] = _accelerate_run(model_dir)
     return out
 
@@ -218,6 +226,8 @@ def test_trainer_and_accelerate_match_single_process(tmp_path: Path):
             assert diff > 1e-3, f"{label}: the negative control matched ({diff:.2e})"
         else:
             assert diff <= 1e-5, f"{label}: max relative difference {diff:.2e}"
+    # Accelerate refuses it itself (before CoupledAdam is built), naming the key
+    assert "optimizer.params.betas" in got["accelerate-betas-auto"], got["accelerate-betas-auto"]
     for stage in (2, 3):  # resumed from the step-5 checkpoint: the same trajectory
         diff = H.max_rel_diff({"E": got[f"trainer-zero{stage}-resumed"]},
                               {"E": got[f"trainer-zero{stage}"]})

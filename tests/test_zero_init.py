@@ -22,7 +22,6 @@ from tests import ds_helpers as H  # noqa: E402
 from tests.dist import run_on_ranks  # noqa: E402
 
 STEPS = 12
-pytestmark = pytest.mark.slow
 
 
 def make_untied(dtype: torch.dtype = torch.float32) -> H.TinyLM:
@@ -95,6 +94,7 @@ def _jobs(world: int) -> list[dict[str, Any]]:
             _job("tied-no-reduce", no_reduce=True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_zero_init_matches_single_process(world):
     jobs = _jobs(world)
@@ -131,3 +131,45 @@ def test_zero_init_matches_single_process(world):
             assert diff > 1e-3, f"{label}: the negative control matched ({diff:.2e})"
         else:
             assert diff <= 1e-6, f"{label}: max relative difference {diff:.2e}"
+
+
+def _as_partitioned(model: nn.Module) -> nn.Module:
+    """What zero.Init leaves on a rank, without a process group: empty data, ``ds_shape``."""
+    for p in model.parameters():
+        p.ds_shape, p.ds_id = p.shape, id(p)
+        p.data = torch.empty(0)
+    return model
+
+
+def test_partitioned_parameters_found_by_ds_shape():
+    """Detection, decay groups and the vocab_size check read the full shape, not the empty data."""
+    from coupled_ds.deepspeed import build_optimizer
+
+    for make, coupled in ((H.make_model, ["tok.weight"]),
+                          (make_untied, ["tok.weight", "head.weight"])):
+        model = _as_partitioned(make())
+        opt = build_optimizer(model, model.parameters(), {"weight_decay": 0.1})
+        groups = {tuple(g["coupled_names"] or ()): g for g in opt.param_groups}
+        assert [n for names in groups for n in names] == coupled
+        decayed = [g for g in opt.param_groups if not g["coupled"] and g["weight_decay"] == 0.1]
+        assert [p.ds_shape for g in decayed for p in g["params"]] == [(H.H, H.H)]
+        for name in coupled:  # a numel=0 placeholder until the ZeRO-3 adapter attaches
+            geometry = opt.geometry_of(groups[(name,)]["params"][0])
+            assert (geometry.rows_global, geometry.cols, geometry.numel) == (H.V, H.H, 0)
+    model = _as_partitioned(H.make_model())
+    with pytest.raises(ValueError, match="vocab_size=40 is larger than its 37 rows"):
+        build_optimizer(model, model.parameters(), {"vocab_size": 40})
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"lr": 1e-3, "betas": "auto"}, ["['betas'] still \"auto\"", "Accelerate only"]),
+    ({"lr": "auto", "vocab_size": "auto"}, ["['vocab_size'] cannot be \"auto\""]),
+])
+def test_auto_left_in_config_is_refused(params, words):
+    from coupled_ds.deepspeed import build_optimizer
+
+    model = H.make_model()
+    with pytest.raises(ValueError) as err:
+        build_optimizer(model, model.parameters(), params)
+    for word in words:
+        assert word in str(err.value), str(err.value)
