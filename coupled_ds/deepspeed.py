@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 OPTIMIZER_NAME = "CoupledAdam"
 # Keys of cfg["optimizer"]["params"]; anything else is a typo and raises.
 ACCEPTED_PARAMS = ("lr", "betas", "eps", "weight_decay", "embedding_weight_decay", "avg_scale",
-                   "vocab_size", "coupled_params")
+                   "vocab_size", "coupled_params", "compact_coupled_state")
 _OFFLOAD_KEY = "zero_force_ds_cpu_optimizer"
 
 
@@ -159,7 +159,8 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
             f"DeepSpeed optimizer {OPTIMIZER_NAME!r}: the coupled matrices are not among the "
             "model_parameters given to deepspeed.initialize (frozen?). Pass "
             "model_parameters=model.parameters() or fix optimizer.params.coupled_params.")
-    kwargs = {k: params[k] for k in ("lr", "eps", "avg_scale") if k in params}
+    kwargs = {k: params[k] for k in ("lr", "eps", "avg_scale", "compact_coupled_state")
+              if k in params}
     if "betas" in params:
         kwargs["betas"] = tuple(params["betas"])
     optimizer = CoupledAdam(groups, weight_decay=weight_decay,
