@@ -81,6 +81,15 @@ def _run(rank: int, world: int, jobs: list[dict[str, Any]]) -> dict[str, Any]:
         to_group = engine.optimizer.sub_group_to_group_id
         out["split", job["label"]] = len(to_group) > len(set(to_group.values()))
         engine.destroy()
+    if world == 2:  # a partitioned model under ZeRO stage 2 is refused, naming the stage
+        cfg = H.ds_config(2, world=world)
+        with deepspeed.zero.Init(config_dict_or_path=H.ds_config(3, world=world)):
+            model = H.make_model()
+        try:
+            deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+            out["stage2"] = "no error"
+        except ValueError as err:
+            out["stage2"] = str(err)
     return out
 
 
@@ -111,6 +120,8 @@ def test_zero_init_matches_single_process(world):
             assert any(start % H.H for start, _ in mine[1:]), f"{key}: no mid-row cut"
         if job["sub_group"]:
             assert got["split", job["label"]], "sub_group_size did not split a param group"
+    if world == 2:
+        assert "zero_optimization.stage=2" in got["stage2"], got["stage2"]
     # rank 0 says what was coupled, without any logging set-up; the other ranks stay quiet
     setup = got["setup", "untied" if world == 2 else "untied-offload"]
     print("\n".join(setup))
