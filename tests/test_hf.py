@@ -90,8 +90,9 @@ def _embedding(engine: Any) -> torch.Tensor:
 
 
 def _trainer_run(model_dir: str, out_dir: str, stage: int, *, resume: str | None = None,
-                 no_reduce: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """One Trainer run; returns the final embedding and rank 0's coupled_ds setup message."""
+                 no_reduce: bool = False) -> tuple[torch.Tensor, list[str], int]:
+    """One Trainer run; returns the final embedding, rank 0's coupled_ds setup message and the
+    number of optimizer steps this run took."""
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -108,17 +109,22 @@ def _trainer_run(model_dir: str, out_dir: str, stage: int, *, resume: str | None
     assert is_deepspeed_zero3_enabled() == (stage == 3)
     assert all(hasattr(p, "ds_id") for p in model.parameters()) == (stage == 3)
 
-    class _DropReduction(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            H.drop_reduction(trainer.model_wrapped)
+    steps = []
 
-    trainer = Trainer(model=model, args=args, train_dataset=_Samples(),
-                      callbacks=[_DropReduction()] if no_reduce else [])
+    class _Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if no_reduce:
+                H.drop_reduction(trainer.model_wrapped)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(state.global_step)
+
+    trainer = Trainer(model=model, args=args, train_dataset=_Samples(), callbacks=[_Probe()])
     with contextlib.redirect_stderr(io.StringIO()) as err:
         trainer.train(resume_from_checkpoint=resume)
     embedding = _embedding(trainer.model_wrapped)
     _release(trainer)
-    return embedding, setup_message(err.getvalue())
+    return embedding, setup_message(err.getvalue()), len(steps)
 
 
 def _accelerate_run(model_dir: str, betas: Any = BETAS) -> torch.Tensor:
@@ -176,13 +182,14 @@ def _run(rank: int, world: int, root: str, model_dir: str) -> dict[str, Any]:
     assert PartialState(backend="gloo").num_processes == world
     out: dict[str, Any] = {}
     for stage in (2, 3):
-        out[f"trainer-zero{stage}"], out[f"setup-zero{stage}"] = _trainer_run(
+        out[f"trainer-zero{stage}"], out[f"setup-zero{stage}"], _ = _trainer_run(
             model_dir, os.path.join(root, f"zero{stage}"), stage)
         checkpoint = os.path.join(root, f"zero{stage}", f"checkpoint-{SAVE_AT}")
-        out[f"trainer-zero{stage}-resumed"], _ = _trainer_run(
+        label = f"trainer-zero{stage}-resumed"
+        out[label], _, out["steps", label] = _trainer_run(
             model_dir, os.path.join(root, f"zero{stage}-resumed"), stage, resume=checkpoint)
-    out["trainer-zero2-no-reduce"], _ = _trainer_run(model_dir, os.path.join(root, "nr"), 2,
-                                                     no_reduce=True)
+    out["trainer-zero2-no-reduce"], _, _ = _trainer_run(model_dir, os.path.join(root, "nr"), 2,
+                                                        no_reduce=True)
     try:  # Accelerate does not fill betas
         _accelerate_run(model_dir, betas="auto")
         out["accelerate-betas-auto"] = "no error"
@@ -229,6 +236,8 @@ def test_trainer_and_accelerate_match_single_process(tmp_path: Path):
     # Accelerate refuses it itself (before CoupledAdam is built), naming the key
     assert "optimizer.params.betas" in got["accelerate-betas-auto"], got["accelerate-betas-auto"]
     for stage in (2, 3):  # resumed from the step-5 checkpoint: the same trajectory
+        steps = got["steps", f"trainer-zero{stage}-resumed"]
+        assert steps == STEPS - SAVE_AT, f"ZeRO-{stage}: the resumed run took {steps} steps"
         diff = H.max_rel_diff({"E": got[f"trainer-zero{stage}-resumed"]},
                               {"E": got[f"trainer-zero{stage}"]})
         print(f"zero{stage} resumed vs straight: {diff:.2e}")
