@@ -90,15 +90,17 @@ def _check_auto(params: Mapping[str, Any]) -> None:
     left = sorted(k for k, v in params.items() if v == "auto")
     if not left:
         return
+    shown = ", ".join(f"optimizer.params.{k}='auto'" for k in left)
     ours = [k for k in left if k not in _TRAINER_FILLS]
     if ours:
-        why = (f"{ours} cannot be \"auto\": neither Hugging Face Trainer nor Accelerate knows "
-               f"them. Write their values")
+        why = (f"{ours} cannot be 'auto': neither Hugging Face Trainer nor Accelerate fills "
+               "them. Write their values in the config.")
     else:
-        why = (f"Trainer fills {list(_TRAINER_FILLS)} from TrainingArguments, Accelerate only "
-               f"{list(_ACCELERATE_FILLS)} (from DummyOptim): under Accelerate write the others")
-    raise ValueError(f"DeepSpeed config optimizer.params {left} still \"auto\" at "
-                     f"deepspeed.initialize for type {OPTIMIZER_NAME!r}. {why} in the config.")
+        why = (f"Hugging Face Trainer fills {list(_TRAINER_FILLS)} from TrainingArguments, "
+               f"Accelerate only {list(_ACCELERATE_FILLS)} (from DummyOptim), and nothing else "
+               "does: write the values in the config.")
+    raise ValueError(f"DeepSpeed config {shown} is still unfilled at deepspeed.initialize "
+                     f"(type {OPTIMIZER_NAME!r}). {why}")
 
 
 def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
