@@ -19,6 +19,11 @@ DeepSpeed has no optimizer plugin registry (DESIGN §5.1), so importing this mod
   the optimizer where each flat ZeRO partition sits in its [V, H] matrix and which process groups
   hold the other pieces. A ``CoupledAdam`` instance or callable passed as ``optimizer=`` gets the
   same treatment. Anything that cannot couple raises; nothing falls back to AdamW.
+
+A model built under ``deepspeed.zero.Init`` (Hugging Face ``from_pretrained`` under ZeRO-3) holds
+empty placeholders; its coupled matrices are found from DeepSpeed's ``ds_shape`` (see
+:func:`logical_shape`), never by gathering. A script that cannot be edited runs under
+``python -m coupled_ds.run script.py`` (:mod:`coupled_ds.run`), which makes the import for it.
 """
 
 from __future__ import annotations
