@@ -19,6 +19,11 @@ DeepSpeed has no optimizer plugin registry (DESIGN §5.1), so importing this mod
   the optimizer where each flat ZeRO partition sits in its [V, H] matrix and which process groups
   hold the other pieces. A ``CoupledAdam`` instance or callable passed as ``optimizer=`` gets the
   same treatment. Anything that cannot couple raises; nothing falls back to AdamW.
+
+A model built under ``deepspeed.zero.Init`` (Hugging Face ``from_pretrained`` under ZeRO-3) holds
+empty placeholders; its coupled matrices are found from DeepSpeed's ``ds_shape`` (see
+:func:`logical_shape`), never by gathering. A script that cannot be edited runs under
+``python -m coupled_ds.run script.py`` (:mod:`coupled_ds.run`), which makes the import for it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from coupled_ds.geometry import ShardGeometry
 from coupled_ds.groups import NoEmbeddingFoundError, coupled_param_groups, find_coupled_parameters
 from coupled_ds.optimizer import CoupledAdam
 
@@ -42,7 +48,7 @@ logger = logging.getLogger(__name__)
 OPTIMIZER_NAME = "CoupledAdam"
 # Keys of cfg["optimizer"]["params"]; anything else is a typo and raises.
 ACCEPTED_PARAMS = ("lr", "betas", "eps", "weight_decay", "embedding_weight_decay", "avg_scale",
-                   "vocab_size", "coupled_params")
+                   "vocab_size", "coupled_params", "compact_coupled_state")
 _OFFLOAD_KEY = "zero_force_ds_cpu_optimizer"
 
 
@@ -93,8 +99,8 @@ def _decay_split(options: dict[str, Any], params: list[nn.Parameter],
     (``moe`` and ``name`` for DeepSpeed's expert groups)."""
     if "weight_decay" in options:
         return [{**options, "params": params}] if params else []
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decay = [p for p in params if len(logical_shape(p)) >= 2]
+    no_decay = [p for p in params if len(logical_shape(p)) < 2]
     return [{**options, "params": members, "weight_decay": wd}
             for members, wd in ((decay, weight_decay), (no_decay, 0.0)) if members]
 
@@ -172,6 +178,29 @@ def _validate_params(params: Mapping[str, Any]) -> None:
                                 f"{re.escape(pattern)!r}.") from err
 
 
+# "auto" values that Hugging Face fills in before DeepSpeed sees the config (DESIGN §5.4).
+_TRAINER_FILLS = ("lr", "betas", "eps", "weight_decay")
+_ACCELERATE_FILLS = ("lr", "weight_decay")
+
+
+def _check_auto(params: Mapping[str, Any]) -> None:
+    """Refuse ``"auto"`` left in ``optimizer.params``: nobody filled it in."""
+    left = sorted(k for k, v in params.items() if v == "auto")
+    if not left:
+        return
+    shown = ", ".join(f"optimizer.params.{k}='auto'" for k in left)
+    ours = [k for k in left if k not in _TRAINER_FILLS]
+    if ours:
+        why = (f"{ours} cannot be 'auto': neither Hugging Face Trainer nor Accelerate fills "
+               "them. Write their values in the config.")
+    else:
+        why = (f"Hugging Face Trainer fills {list(_TRAINER_FILLS)} from TrainingArguments, "
+               f"Accelerate only {list(_ACCELERATE_FILLS)} (from DummyOptim), and nothing else "
+               "does: write the values in the config.")
+    raise ValueError(f"DeepSpeed config {shown} is still unfilled at deepspeed.initialize "
+                     f"(type {OPTIMIZER_NAME!r}). {why}")
+
+
 def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
                     params: Mapping[str, Any] | None) -> CoupledAdam:
     """``CoupledAdam`` from ``cfg["optimizer"]["params"]`` over the parameters DeepSpeed was given.
@@ -191,14 +220,9 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
             f"DeepSpeed config optimizer.params has unknown key(s) {unknown} for type "
             f"{OPTIMIZER_NAME!r}. Accepted keys: {list(ACCEPTED_PARAMS)}. (Gradient clipping is "
             "the top-level 'gradient_clipping' key.)" + _adam_only_hint(unknown))
+    _check_auto(params)
     _validate_params(params)
     names = params.get("coupled_params")
-    if any(hasattr(p, "ds_id") for p in module.parameters()):
-        raise ValueError(
-            f"DeepSpeed optimizer {OPTIMIZER_NAME!r}: the model was built under "
-            "deepspeed.zero.Init, so its parameters are already partitioned and the [V, H] "
-            "embedding cannot be found by shape. Build the model outside zero.Init (ZeRO stage 3 "
-            "still partitions it at deepspeed.initialize).")
     weight_decay = params.get("weight_decay", 1e-2)
     embedding_wd = params.get("embedding_weight_decay", 0.0)
     vocab_size = params.get("vocab_size")
@@ -215,11 +239,13 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
                                           embedding_weight_decay=embedding_wd, names=names,
                                           vocab_size=vocab_size, avg_scale=params.get("avg_scale"),
                                           allow_no_embedding=pipe_group is not None,
-                                          vocab_shape=vocab_shape)
+                                          vocab_shape=vocab_shape, shape_of=logical_shape)
         else:
-            coupled = find_coupled_parameters(module, names=names, vocab_shape=vocab_shape)
+            coupled = find_coupled_parameters(module, names=names, vocab_shape=vocab_shape,
+                                              shape_of=logical_shape)
             coupled_param_groups(module, names=names, vocab_size=vocab_size,  # same checks
-                                 allow_no_embedding=pipe_group is not None, vocab_shape=vocab_shape)
+                                 allow_no_embedding=pipe_group is not None, vocab_shape=vocab_shape,
+                                 shape_of=logical_shape)
             groups = _split_user_groups(user_groups, coupled, embedding_wd, vocab_size,
                                         weight_decay)
     except NoEmbeddingFoundError as err:
@@ -236,10 +262,12 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
             f"DeepSpeed optimizer {OPTIMIZER_NAME!r}: the coupled matrices are not among the "
             "model_parameters given to deepspeed.initialize (frozen?). Pass "
             "model_parameters=model.parameters() or fix optimizer.params.coupled_params.")
-    kwargs = {k: params[k] for k in ("lr", "eps", "avg_scale") if k in params}
+    kwargs = {k: params[k] for k in ("lr", "eps", "avg_scale", "compact_coupled_state")
+              if k in params}
     if "betas" in params:
         kwargs["betas"] = tuple(params["betas"])
-    optimizer = CoupledAdam(groups, weight_decay=weight_decay, **kwargs)
+    optimizer = CoupledAdam(groups, weight_decay=weight_decay,
+                            geometries=_partitioned_placeholders(groups), **kwargs)
     for group in optimizer.param_groups:
         if group["coupled"] and global_vocab_size is not None:
             group["vocab_size"] = global_vocab_size
@@ -258,6 +286,43 @@ def _pipeline_stage(module: nn.Module, names: list[str] | None
     if group is None:
         return None, None
     return group, zero.pipeline_vocab_shape(module, group) if names is None else None
+
+
+def logical_shape(p: torch.Tensor) -> torch.Size:
+    """The full shape of ``p``, also when ``deepspeed.zero.Init`` has already partitioned it
+    (then ``p`` holds an empty placeholder and DeepSpeed records the shape in ``ds_shape``)."""
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+def _partitioned_placeholders(groups: list[dict[str, Any]]
+                              ) -> list[tuple[torch.Tensor, ShardGeometry]]:
+    """Geometries for coupled parameters that ``zero.Init`` already partitioned.
+
+    Such a parameter holds no element (its data is an empty placeholder until ZeRO-3 gathers it),
+    so it is declared as a ``numel=0`` piece of its [V, H] matrix; the ZeRO-3 adapter
+    (:func:`coupled_ds.zero.attach_geometry`) replaces it with the fp32 partition's geometry
+    before the first step.
+    """
+    pairs = []
+    for group in groups:
+        if not group.get("coupled"):
+            continue
+        for p, name in zip(group["params"], group["coupled_names"]):
+            if hasattr(p, "ds_shape"):
+                rows, cols = p.ds_shape
+                pairs.append((p, ShardGeometry(name, rows, cols, start_global_flat=0, numel=0)))
+    return pairs
+
+
+def _check_partitioned(engine: Any) -> None:
+    """A model built under ``deepspeed.zero.Init`` trains only under ZeRO stage 3."""
+    partitioned = [n for n, p in engine.module.named_parameters() if hasattr(p, "ds_id")]
+    if partitioned and engine.zero_optimization_stage() != 3:
+        raise ValueError(
+            f"DeepSpeed optimizer {OPTIMIZER_NAME!r}: the model was built under "
+            f"deepspeed.zero.Init (e.g. {partitioned[0]!r} is partitioned) but "
+            f"zero_optimization.stage={engine.zero_optimization_stage()}; such a model needs "
+            "stage 3. Set zero_optimization.stage=3 or build the model outside zero.Init.")
 
 
 # ---------------------------------------------------------------------- engine patches
@@ -282,6 +347,7 @@ def _configure_basic_optimizer(original, engine, model_parameters):
     if not is_coupled_name(engine.optimizer_name()) or engine.client_optimizer:
         return original(engine, model_parameters)
     _check_offload(engine)
+    _check_partitioned(engine)
     return build_optimizer(engine.module, model_parameters, engine.optimizer_params())
 
 

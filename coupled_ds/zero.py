@@ -24,6 +24,8 @@ Shapes in names: V vocabulary rows, H hidden columns.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,17 +186,33 @@ def _attach_whole_matrices(engine: Any, opt: CoupledAdam, wrapped: bool) -> list
                 raise ValueError(
                     "CoupledAdam without ZeRO under fp16/bf16 with an mpu cannot see which "
                     "coupled matrices are vocabulary-parallel; use zero_optimization.stage >= 1.")
-            lines.append(f"{name} {list(p.shape)} whole on every data-parallel rank")
+            rows = group["vocab_size"] or p.shape[0]
+            lines.append(f"{name} {list(p.shape)}, column mean over {rows} of {p.shape[0]} rows; "
+                         "whole on every data-parallel rank")
     return lines
 
 
 def _describe(geometry: ShardGeometry, dp_group: dist.ProcessGroup, vocab_size: int | None) -> str:
+    """One line for the setup summary: the matrix, the rows in its mean, where it is cut."""
     end = geometry.start_global_flat + geometry.numel
     rows = geometry.rows_global if vocab_size is None else vocab_size
-    return (f"{geometry.key} [{geometry.rows_global}, {geometry.cols}] (mean over {rows} rows): "
-            f"rank 0 holds flat [{geometry.start_global_flat}, {end}); column sums all-reduced "
-            f"over {len(geometry.groups)} group(s), data-parallel size "
-            f"{dist.get_world_size(dp_group)}")
+    return (f"{geometry.key} [{geometry.rows_global}, {geometry.cols}], column mean over {rows} "
+            f"of {geometry.rows_global} rows; flat partitions over data-parallel size "
+            f"{dist.get_world_size(dp_group)} (rank 0 holds [{geometry.start_global_flat}, {end})), "
+            f"[H] column sums all-reduced over {len(geometry.groups)} group(s)")
+
+
+def _announce(how: str, lines: list[str]) -> None:
+    """Rank 0 says at setup what was coupled, on stderr: DeepSpeed's logger stays at WARNING by
+    default and Hugging Face Trainer sets it to its own level, so an INFO line would go unseen.
+    ``COUPLED_DS_QUIET=1`` keeps it to the ``coupled_ds.zero`` logger."""
+    text = f"coupled_ds: CoupledAdam under DeepSpeed {how}; " + (
+        "; ".join(lines) or "no coupled matrix on the optimizer")
+    logger.info("%s", text)
+    if os.environ.get("COUPLED_DS_QUIET", "0") in ("", "0"):
+        print("\n  ".join(["[coupled_ds] CoupledAdam under DeepSpeed " + how + ":",
+                            *(lines or ["no coupled matrix on the optimizer"])]),
+              file=sys.stderr, flush=True)
 
 
 def attach_geometry(engine: Any) -> None:
@@ -242,9 +260,10 @@ def attach_geometry(engine: Any) -> None:
         raise ValueError(f"coupled_ds: DeepSpeed wrapped CoupledAdam in {type(wrapper).__name__}, "
                          "for which no geometry adapter exists; refusing to train uncoupled.")
     _check_pipeline(engine, opt, wrapper)
+    if engine.zero_use_cpu_optimizer():
+        how += ", optimizer state offloaded to CPU (stepped by CoupledAdam)"
     if dist.get_rank() == 0:
-        logger.info("coupled_ds: CoupledAdam under DeepSpeed %s; %s", how,
-                    "; ".join(lines) or "no coupled matrix")
+        _announce(how, lines)
 
 
 # ---------------------------------------------------------------------- pipeline parallelism

@@ -103,14 +103,15 @@ def drop_reduction(engine: Any) -> None:
 
 
 def reference(steps: int, world: int | list[int], *, gas: int = 1, clip: float = 0.0,
-              vocab_size: int | None = None, dtype: torch.dtype = torch.float32
-              ) -> dict[str, torch.Tensor]:
+              vocab_size: int | None = None, dtype: torch.dtype = torch.float32,
+              make: Any = make_model) -> dict[str, torch.Tensor]:
     """Single-process CoupledAdam on the same data: the mean loss over every rank's micro-batches.
 
     ``world`` may be a list, one data-parallel size per step (a run resumed at another size).
+    ``make(dtype)`` builds the model (default: the tied TinyLM).
     """
     worlds = world if isinstance(world, list) else [world] * steps
-    model = make_model(dtype)
+    model = make(dtype)
     opt = CoupledAdam(coupled_param_groups(model, weight_decay=HP["weight_decay"],
                                            embedding_weight_decay=0.0, vocab_size=vocab_size),
                       lr=HP["lr"], betas=HP["betas"], eps=HP["eps"])
