@@ -108,6 +108,14 @@ def _check_auto(params: Mapping[str, Any]) -> None:
                      f"(type {OPTIMIZER_NAME!r}). {why}")
 
 
+def _check_compact(params: Mapping[str, Any]) -> None:
+    """``compact_coupled_state`` is a JSON boolean (the string "false" would switch it on)."""
+    value = params.get("compact_coupled_state", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"DeepSpeed config optimizer.params.compact_coupled_state={value!r} "
+                         f"({type(value).__name__}): expected true or false (a JSON boolean).")
+
+
 def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
                     params: Mapping[str, Any] | None) -> CoupledAdam:
     """``CoupledAdam`` from ``cfg["optimizer"]["params"]`` over the parameters DeepSpeed was given.
@@ -128,6 +136,7 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
             f"{OPTIMIZER_NAME!r}. Accepted keys: {list(ACCEPTED_PARAMS)}. (Gradient clipping is "
             "the top-level 'gradient_clipping' key.)")
     _check_auto(params)
+    _check_compact(params)
     names = params.get("coupled_params")
     if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
         raise ValueError(f"DeepSpeed config optimizer.params.coupled_params={names!r} must be a "
