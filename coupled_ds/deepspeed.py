@@ -201,6 +201,14 @@ def _check_auto(params: Mapping[str, Any]) -> None:
                      f"(type {OPTIMIZER_NAME!r}). {why}")
 
 
+def _check_compact(params: Mapping[str, Any]) -> None:
+    """``compact_coupled_state`` is a JSON boolean (the string "false" would switch it on)."""
+    value = params.get("compact_coupled_state", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"DeepSpeed config optimizer.params.compact_coupled_state={value!r} "
+                         f"({type(value).__name__}): expected true or false (a JSON boolean).")
+
+
 def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
                     params: Mapping[str, Any] | None) -> CoupledAdam:
     """``CoupledAdam`` from ``cfg["optimizer"]["params"]`` over the parameters DeepSpeed was given.
@@ -221,6 +229,7 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
             f"{OPTIMIZER_NAME!r}. Accepted keys: {list(ACCEPTED_PARAMS)}. (Gradient clipping is "
             "the top-level 'gradient_clipping' key.)" + _adam_only_hint(unknown))
     _check_auto(params)
+    _check_compact(params)
     _validate_params(params)
     names = params.get("coupled_params")
     weight_decay = params.get("weight_decay", 1e-2)

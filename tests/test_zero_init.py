@@ -176,8 +176,9 @@ def test_partitioned_parameters_found_by_ds_shape():
     ({"lr": 1e-3, "betas": "auto"}, ["optimizer.params.betas='auto'", "Accelerate only"]),
     ({"lr": "auto", "vocab_size": "auto"}, ["optimizer.params.lr='auto', optimizer.params."
                                             "vocab_size='auto'", "['vocab_size'] cannot be"]),
+    ({"compact_coupled_state": "false"}, ["compact_coupled_state='false' (str)", "JSON boolean"]),
 ])
-def test_auto_left_in_config_is_refused(params, words):
+def test_unfilled_auto_and_non_boolean_compact_are_refused(params, words):
     from coupled_ds.deepspeed import build_optimizer
 
     model = H.make_model()
