@@ -212,6 +212,20 @@ def load(data_dir: str | os.PathLike) -> Corpus:
                   counts_V=np.load(d / "token_counts.npy"))
 
 
+def add_corpus_and_model_args(p: argparse.ArgumentParser) -> None:
+    """The corpus and GPT-size flags the training examples share (train_ds.py, train_fsdp2.py)."""
+    p.add_argument("--data", nargs="*", default=None,
+                   help="text files or directories (default: the Python standard library)")
+    p.add_argument("--data-dir", default=None,
+                   help="tokenized corpus directory (built here if absent; default SAVE_DIR/data)")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--max-tokens", type=int, default=1_000_000)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", nargs="*", default=None,

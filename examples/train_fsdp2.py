@@ -69,16 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.1, help="non-embedding matrices")
     p.add_argument("--compact-state", action="store_true",
                    help="CoupledAdam keeps only the [H] column mean of v for coupled matrices")
-    p.add_argument("--data", nargs="*", default=None,
-                   help="text files or directories (default: the Python standard library)")
-    p.add_argument("--data-dir", default=None,
-                   help="tokenized corpus directory (built here if absent; default SAVE_DIR/data)")
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--max-tokens", type=int, default=1_000_000)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=128)
+    corpus_data.add_corpus_and_model_args(p)
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per data rank per step")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--seed", type=int, default=1234)
