@@ -45,7 +45,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["library", "phase1_rows_", "phase2_rows_", "supports", "unavailable_reason"]
+__all__ = ["library", "phase1_rows_", "phase2_rows_", "simd_level", "supports",
+           "unavailable_reason"]
 
 _SOURCE = r"""
 #include <pthread.h>
@@ -214,6 +215,16 @@ void coupled_phase2_##SUFFIX##_mt(T *p, const T *m, const float *denom, long row
 
 DRIVERS(f32, float)
 DRIVERS(bf16, uint16_t)
+
+/* The instruction set the clones above run with on this CPU (what the ifunc resolver picks). */
+const char *coupled_simd_level(void) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(COUPLED_NO_CLONES)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") ? "avx2" : "default (SSE2)";
+#else
+  return "default (compiler's baseline)";
+#endif
+}
 """
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -273,6 +284,8 @@ def _open(path: Path) -> ctypes.CDLL:
     int_ = ctypes.c_int
     lib.coupled_uses_openmp.restype = int_
     lib.coupled_uses_openmp.argtypes = []
+    lib.coupled_simd_level.restype = ctypes.c_char_p
+    lib.coupled_simd_level.argtypes = []
     for suffix in _SUFFIX.values():
         fn = getattr(lib, f"coupled_phase1_{suffix}_mt")
         fn.restype = None
@@ -302,6 +315,12 @@ def library() -> ctypes.CDLL | None:
 def unavailable_reason() -> str | None:
     """Why :func:`library` returned None (None when it is available or not yet tried)."""
     return _state.get("reason")  # type: ignore[return-value]
+
+
+def simd_level() -> str | None:
+    """The instruction set the C kernels dispatched to on this CPU (None: no library)."""
+    lib = library()
+    return None if lib is None else lib.coupled_simd_level().decode()
 
 
 def supports(*tensors: torch.Tensor | None) -> bool:
