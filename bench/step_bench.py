@@ -23,7 +23,8 @@ How it measures, and why:
   for compact, 5 / 3 / 3 for the C phase kernels alone) over its median time, and that as a
   fraction of a copy's bandwidth measured in the same rounds ("% of copy"; see
   :class:`Roofline`). Numbers from different machines compare through that column. The header
-  names the SIMD level the C kernels dispatched to on this CPU.
+  names the SIMD level the C kernels dispatched to on this CPU; the coupled steps are also
+  timed on every other variant the CPU runs ("same, avx2 kernels" on an AVX-512 machine).
 * Peak memory of a step: tracemalloc cannot see torch's allocations, so the bench resets the
   kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs`` resets VmHWM) right before one
   step and reports VmHWM minus the RSS before it. Tensors of a matrix's size are far above
@@ -75,7 +76,8 @@ def describe_machine() -> list[str]:
     if lib is None:
         native = f"unavailable ({cpu_kernels.unavailable_reason()})"
     else:
-        native = (f"loaded, SIMD {cpu_kernels.simd_level()} on this CPU, "
+        native = (f"loaded, SIMD {cpu_kernels.simd_level()} (variants this CPU runs: "
+                  f"{', '.join(cpu_kernels.simd_levels())}), "
                   + ("OpenMP on torch's thread pool" if lib.coupled_uses_openmp() else "pthreads"))
     return [f"CPU: {model}, {cpus} CPUs ({caches}); load average {load}",
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -371,6 +373,17 @@ def bench_matrix(V: int, H: int, steps: int, allow_ds_build: bool, slow: bool = 
             cpu_kernels._state.clear()
             cpu_kernels._state.update(saved)
         rows.append(_row(label, timing, peak, state_bytes(opt)))
+        native = label in ("CoupledAdam fast (default)", "CoupledAdam compact state")
+        if native and cpu_kernels.library() is not None:
+            best = cpu_kernels.simd_level()
+            for level in [lv for lv in cpu_kernels.simd_levels() if lv != best][::-1]:
+                try:  # the same step on the other instruction-set variants this CPU runs
+                    cpu_kernels.set_simd_level(level)
+                    timing = time_against(opt.step, baseline.step, steps, roofline,
+                                          passes * V * H * size)
+                finally:
+                    cpu_kernels.set_simd_level(best)
+                rows.append(_row(f"  same, {level} kernels", timing, None, None))
         if label == "CoupledAdam fast (default)" and cpu_kernels.library() is not None:
             for kernel, (fn, kernel_passes) in kernel_candidates(opt, p).items():
                 timing = time_against(fn, baseline.step, steps, roofline,
