@@ -273,12 +273,15 @@ static void run_chunk(job_t *j, long i) {
   }
 }
 
+/* Phase 2 takes the chunks last to first: the rows phase 1 touched last may still be in the last
+   level cache, so some of m is read from there instead of memory (a few percent of the matrix on
+   a 32 MiB L3, more on larger caches). */
 static void *job_worker(void *arg) {
   job_t *job = (job_t *)arg;
   for (;;) {
     long i = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
     if (i >= job->n_chunks) return 0;
-    run_chunk(job, i);
+    run_chunk(job, job->phase == 2 ? job->n_chunks - 1 - i : i);
   }
 }
 
