@@ -3,6 +3,7 @@
     make bench                                   # default: about 2-3 minutes on 2 cores
     .venv/bin/python bench/step_bench.py --shapes 50304x768,50304x4096,128256x4096 --steps 9
     .venv/bin/python bench/step_bench.py --only matrix --threads 1
+    .venv/bin/python bench/step_bench.py --threads 1 --clock thread   # on a busy shared machine
     .venv/bin/python bench/step_bench.py --deepspeed   # also JIT-build DeepSpeedCPUAdam (minutes)
 
 Sections (``--only`` picks some): ``matrix`` (one [V, H] step per implementation, then the first
@@ -15,9 +16,10 @@ How it measures, and why:
 * Time: median of ``--steps`` steps after 2 warm-up steps. This machine is shared, so every
   candidate is timed in rounds with torch's fused AdamW on a matrix of the same shape and the
   two copy references below (the order rotates each round), and its ratio is the median of the
-  per-round ratios: a load spike slows a whole round. A second fused AdamW instance is timed
-  the same way as a control: its ratio shows the noise of the measurement. The load average is
-  printed at start and end.
+  per-round ratios: a load spike slows a whole round; "fastest" is the ratio of the two fastest
+  steps (the least disturbed ones, the steadier figure on a loaded machine). A second fused
+  AdamW instance is timed the same way as a control: its ratios show the noise of the
+  measurement. The load average is printed at start and end.
 * Roofline: the step is memory-bound, so each row also gives its bandwidth, the bytes its
   algorithm must move (tensor passes x tensor bytes: 7 for AdamW, 8 for coupled full state, 6
   for compact, 5 / 3 / 3 for the C phase kernels alone) over its median time, and that as a
@@ -55,6 +57,9 @@ import torch.distributed as dist  # noqa: E402
 from coupled_ds import CoupledAdam, ShardGeometry, cpu_kernels, kernels  # noqa: E402
 
 HP = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+# What the rounds are timed with: wall time, or with --clock thread (one thread only) the CPU
+# time of the calling thread, which leaves out the time the OS gave the core to other jobs.
+CLOCK: Callable[[], float] = time.perf_counter
 MiB = 1 << 20
 
 
@@ -142,9 +147,9 @@ def time_rounds(members: list[Callable[[], object]], steps: int) -> list[list[fl
         if (i // k) % 2:
             order.reverse()
         for j in order:
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             members[j]()
-            times[j].append(time.perf_counter() - t0)
+            times[j].append(CLOCK() - t0)
     return times
 
 
@@ -185,9 +190,11 @@ class Roofline:
 
 def time_against(step: Callable[[], object], baseline: Callable[[], object], steps: int,
                  roofline: Roofline | None = None, step_bytes: int = 0
-                 ) -> tuple[float, float, float, float | None, float | None]:
-    """(candidate ms, baseline ms, median ratio candidate/baseline per round, candidate GB/s,
-    median fraction of the roofline's bandwidth per round; the last two None without one)."""
+                 ) -> tuple[float, float, float, float, float | None, float | None]:
+    """(candidate ms, baseline ms, median ratio candidate/baseline per round, ratio of the
+    fastest candidate step to the fastest baseline step, candidate GB/s, median fraction of the
+    roofline's bandwidth per round; the last two None without a roofline). On a loaded machine
+    the fastest steps are the ones least disturbed, so the second ratio is the steadier one."""
     members = [step, baseline] + (roofline.members() if roofline else [])
     times = time_rounds(members, steps)
     cand, base = times[0], times[1]
@@ -197,7 +204,8 @@ def time_against(step: Callable[[], object], baseline: Callable[[], object], ste
         bound = roofline.round_bandwidths(times[2], times[3])
         gbs = step_bytes / statistics.median(cand) / 1e9
         frac = statistics.median(step_bytes / c / b for c, b in zip(cand, bound))
-    return statistics.median(cand) * 1e3, statistics.median(base) * 1e3, ratio, gbs, frac
+    return (statistics.median(cand) * 1e3, statistics.median(base) * 1e3, ratio,
+            min(cand) / min(base), gbs, frac)
 
 
 # ---------------------------------------------------------------------------- candidates
@@ -330,13 +338,13 @@ def _table(rows: list[tuple], header: tuple) -> None:
 
 
 SLOW = ("CoupledAdam reference ops", "CoupledAdam torch-chunked fallback", "torch AdamW foreach")
-HEADER = ("ms", "fused AdamW ms (paired)", "ratio", "GB/s", "% of copy", "step peak MiB",
-          "state MiB")
+HEADER = ("ms", "fused AdamW ms (paired)", "ratio", "fastest", "GB/s", "% of copy",
+          "step peak MiB", "state MiB")
 
 
 def _row(name: str, timing: tuple, peak: int | None, state: int | None) -> tuple:
-    ms, base_ms, ratio, gbs, frac = timing
-    return (name, f"{ms:.1f}", f"{base_ms:.1f}", f"{ratio:.2f}x",
+    ms, base_ms, ratio, fastest, gbs, frac = timing
+    return (name, f"{ms:.1f}", f"{base_ms:.1f}", f"{ratio:.2f}x", f"{fastest:.2f}x",
             "" if gbs is None else f"{gbs:.1f}", "" if frac is None else f"{frac:.0%}",
             "n/a" if peak is None else f"{peak / MiB:.0f}",
             "" if state is None else f"{state / MiB:.0f}")
@@ -524,13 +532,16 @@ def main() -> None:
     parser.add_argument("--shapes", default="50304x768,128256x768",
                         help="comma-separated VxH matrices (e.g. add 50304x4096,128256x4096; "
                              "each needs ~6 tensors of V*H*4 bytes)")
-    parser.add_argument("--steps", type=int, default=7, help="timed steps per candidate")
+    parser.add_argument("--steps", type=int, default=9, help="timed steps per candidate")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--only", default="matrix,gpt2,dist", help="sections to run")
     parser.add_argument("--dist-shape", default="50304x768")
     parser.add_argument("--all", action="store_true",
                         help="time the slow candidates (%s) on every shape, not only the first"
                         % ", ".join(SLOW))
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="time with the wall clock, or (with --threads 1) the thread's CPU "
+                             "time: steadier on a machine shared with other jobs")
     parser.add_argument("--no-bf16", action="store_true",
                         help="skip the bf16 run of the first shape (params, grads and state bf16)")
     parser.add_argument("--deepspeed", action="store_true",
@@ -538,9 +549,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "thread":
+        if torch.get_num_threads() != 1:
+            parser.error("--clock thread times the calling thread only: add --threads 1")
+        global CLOCK
+        CLOCK = time.thread_time
     sections = set(args.only.split(","))
     start = time.perf_counter()
-    print("# coupled_ds step benchmark")
+    print(f"# coupled_ds step benchmark ({args.clock} clock)")
     for line in describe_machine():
         print(f"  {line}")
     build = c_build_seconds()
