@@ -352,8 +352,8 @@ def _phase1_cases() -> str:
     for mode in range(4):
         has_v, summed = mode >> 1 & 1, mode & 1
         for two in (0, 1):
-            out.append(f"        case {mode * 2 + two}: p1_rows_@SFX@_@ISA@(ma, va, ga, mb, vb, gb, "
-                       f"H, s, beta1, beta2, sign, {has_v}, {summed}, {two}); break;")
+            out.append(f"        case {mode * 2 + two}: p1_rows_@SFX@_@ISA@(ma, va, ga, mb, vb, "
+                       f"gb, H, s, beta1, beta2, sign, {has_v}, {summed}, {two}); break;")
     return "\n".join(out)
 
 
