@@ -432,7 +432,9 @@ def _compile(target: Path, *, openmp: bool = True, variants: bool = True) -> Non
 
 
 def _load() -> ctypes.CDLL:
-    digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
+    # The key covers the source and the flags; neither depends on this CPU (no -march), so one
+    # cached build serves every x86-64 machine that shares the cache directory.
+    digest = hashlib.sha256((" ".join(_OPT_FLAGS) + _SOURCE).encode()).hexdigest()[:16]
     target = _cache_dir() / f"coupled_kernels-{digest}.so"
     if not target.exists():
         _compile(target)
