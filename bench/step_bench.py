@@ -3,19 +3,30 @@
     make bench                                   # default: about 2-3 minutes on 2 cores
     .venv/bin/python bench/step_bench.py --shapes 50304x768,50304x4096,128256x4096 --steps 9
     .venv/bin/python bench/step_bench.py --only matrix --threads 1
+    .venv/bin/python bench/step_bench.py --threads 1 --clock thread   # on a busy shared machine
     .venv/bin/python bench/step_bench.py --deepspeed   # also JIT-build DeepSpeedCPUAdam (minutes)
 
-Sections (``--only`` picks some): ``matrix`` (one [V, H] step per implementation), ``gpt2`` (the
-whole parameter set of a GPT-2-small-shaped model, only the embedding coupled), ``dist`` (2 gloo
-ranks: what the cross-rank reduction adds, in time and bytes).
+Sections (``--only`` picks some): ``matrix`` (one [V, H] step per implementation, then the first
+shape again in bf16 unless ``--no-bf16``), ``gpt2`` (the whole parameter set of a
+GPT-2-small-shaped model, only the embedding coupled), ``dist`` (2 gloo ranks: what the
+cross-rank reduction adds, in time and bytes).
 
 How it measures, and why:
 
 * Time: median of ``--steps`` steps after 2 warm-up steps. This machine is shared, so every
-  candidate is timed in alternation with torch's fused AdamW on a matrix of the same shape
-  (A B, B A, ...), and its ratio is the median of the per-pair ratios: a load spike slows both
-  members of a pair. A second fused AdamW instance is timed the same way as a control: its
-  ratio shows the noise of the measurement. The load average is printed at start and end.
+  candidate is timed in rounds with torch's fused AdamW on a matrix of the same shape and the
+  two copy references below (the order rotates each round), and its ratio is the median of the
+  per-round ratios: a load spike slows a whole round; "fastest" is the ratio of the two fastest
+  steps (the least disturbed ones, the steadier figure on a loaded machine). A second fused
+  AdamW instance is timed the same way as a control: its ratios show the noise of the
+  measurement. The load average is printed at start and end.
+* Roofline: the step is memory-bound, so each row also gives its bandwidth, the bytes its
+  algorithm must move (tensor passes x tensor bytes: 7 for AdamW, 8 for coupled full state, 6
+  for compact, 5 / 3 / 3 for the C phase kernels alone) over its median time, and that as a
+  fraction of a copy's bandwidth measured in the same rounds ("% of copy"; see
+  :class:`Roofline`). Numbers from different machines compare through that column. The header
+  names the SIMD level the C kernels dispatched to on this CPU; the coupled steps are also
+  timed on every other variant the CPU runs ("same, avx2 kernels" on an AVX-512 machine).
 * Peak memory of a step: tracemalloc cannot see torch's allocations, so the bench resets the
   kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs`` resets VmHWM) right before one
   step and reports VmHWM minus the RSS before it. Tensors of a matrix's size are far above
@@ -46,6 +57,9 @@ import torch.distributed as dist  # noqa: E402
 from coupled_ds import CoupledAdam, ShardGeometry, cpu_kernels, kernels  # noqa: E402
 
 HP = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+# What the rounds are timed with: wall time, or with --clock thread (one thread only) the CPU
+# time of the calling thread, which leaves out the time the OS gave the core to other jobs.
+CLOCK: Callable[[], float] = time.perf_counter
 MiB = 1 << 20
 
 
@@ -67,8 +81,9 @@ def describe_machine() -> list[str]:
     if lib is None:
         native = f"unavailable ({cpu_kernels.unavailable_reason()})"
     else:
-        native = "loaded (" + ("OpenMP, on torch's thread pool" if lib.coupled_uses_openmp()
-                               else "pthreads") + ")"
+        native = (f"loaded, SIMD {cpu_kernels.simd_level()} (variants this CPU runs: "
+                  f"{', '.join(cpu_kernels.simd_levels())}), "
+                  + ("OpenMP on torch's thread pool" if lib.coupled_uses_openmp() else "pthreads"))
     return [f"CPU: {model}, {cpus} CPUs ({caches}); load average {load}",
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"SIMD {torch.backends.cpu.get_cpu_capability()}, Python {platform.python_version()}",
@@ -116,25 +131,81 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
                if torch.is_tensor(t) and t.dim() > 0)
 
 
-def time_against(step: Callable[[], object], baseline: Callable[[], object], steps: int
-                 ) -> tuple[float, float, float]:
-    """(candidate ms, baseline ms, median ratio of alternating pairs)."""
+def time_rounds(members: list[Callable[[], object]], steps: int) -> list[list[float]]:
+    """Seconds per call of each member, timed in rounds that call every member once.
+
+    The order rotates from round to round (A B C, B C A, C A B, then reversed), so no member
+    always runs first or after the same neighbour, and a load spike hits a whole round.
+    """
     for _ in range(2):
-        step()
-        baseline()
-    cand, base = [], []
-    for i in range(steps):  # A B, B A, A B, ...: neither side always runs first
-        pair = (step, baseline) if i % 2 == 0 else (baseline, step)
-        t0 = time.perf_counter()
-        pair[0]()
-        t1 = time.perf_counter()
-        pair[1]()
-        t2 = time.perf_counter()
-        first, second = t1 - t0, t2 - t1
-        cand.append(first if i % 2 == 0 else second)
-        base.append(second if i % 2 == 0 else first)
-    ratios = [c / b for c, b in zip(cand, base)]
-    return statistics.median(cand) * 1e3, statistics.median(base) * 1e3, statistics.median(ratios)
+        for fn in members:
+            fn()
+    times: list[list[float]] = [[] for _ in members]
+    k = len(members)
+    for i in range(steps):
+        order = [(j + i) % k for j in range(k)]
+        if (i // k) % 2:
+            order.reverse()
+        for j in order:
+            t0 = CLOCK()
+            members[j]()
+            times[j].append(CLOCK() - t0)
+    return times
+
+
+class Roofline:
+    """The bandwidth a plain streaming pass reaches on this machine, measured next to each row.
+
+    Two references over a tensor of the matrix's size, both counted as one read and one write:
+    ``dst.copy_(src)`` and an in-place pass ``x.mul_(1)``. On a write-allocate cache a copy also
+    reads its destination (read-for-ownership) unless it uses non-temporal stores, so on some
+    machines the in-place pass is the faster one; in-place optimizers read every tensor they
+    write, so the faster of the two is the bound they can reach. A row's "% of copy" is its
+    bytes per second (the bytes its algorithm must move, over its time) against that bound in
+    the same round.
+    """
+
+    def __init__(self, numel: int, dtype: torch.dtype = torch.float32) -> None:
+        self.src = torch.ones(numel, dtype=dtype)
+        self.dst = torch.zeros(numel, dtype=dtype)
+        self.bytes = 2 * numel * self.src.element_size()
+        self.best_gbs: list[float] = []
+
+    def members(self) -> list[Callable[[], object]]:
+        return [lambda: self.dst.copy_(self.src), lambda: self.src.mul_(1.0)]
+
+    def round_bandwidths(self, copy_s: list[float], inplace_s: list[float]) -> list[float]:
+        """Bytes per second of the faster reference, per round."""
+        out = [self.bytes / min(c, p) for c, p in zip(copy_s, inplace_s)]
+        self.best_gbs += [b / 1e9 for b in out]
+        return out
+
+    def describe(self) -> str:
+        if not self.best_gbs:
+            return "not measured"
+        gbs = sorted(self.best_gbs)
+        return (f"{statistics.median(gbs):.1f} GB/s median over {len(gbs)} rounds "
+                f"(range {gbs[0]:.1f}-{gbs[-1]:.1f})")
+
+
+def time_against(step: Callable[[], object], baseline: Callable[[], object], steps: int,
+                 roofline: Roofline | None = None, step_bytes: int = 0
+                 ) -> tuple[float, float, float, float, float | None, float | None]:
+    """(candidate ms, baseline ms, median ratio candidate/baseline per round, ratio of the
+    fastest candidate step to the fastest baseline step, candidate GB/s, median fraction of the
+    roofline's bandwidth per round; the last two None without a roofline). On a loaded machine
+    the fastest steps are the ones least disturbed, so the second ratio is the steadier one."""
+    members = [step, baseline] + (roofline.members() if roofline else [])
+    times = time_rounds(members, steps)
+    cand, base = times[0], times[1]
+    ratio = statistics.median(c / b for c, b in zip(cand, base))
+    gbs = frac = None
+    if roofline is not None and step_bytes:
+        bound = roofline.round_bandwidths(times[2], times[3])
+        gbs = step_bytes / statistics.median(cand) / 1e9
+        frac = statistics.median(step_bytes / c / b for c, b in zip(cand, bound))
+    return (statistics.median(cand) * 1e3, statistics.median(base) * 1e3, ratio,
+            min(cand) / min(base), gbs, frac)
 
 
 # ---------------------------------------------------------------------------- candidates
@@ -203,22 +274,59 @@ def deepspeed_candidates(allow_build: bool) -> tuple[dict[str, Callable], list[s
     return out, notes
 
 
-def matrix_candidates(allow_ds_build: bool) -> tuple[dict[str, Callable], list[str]]:
+# Tensor passes each algorithm must make over memory per element (reads + writes; an in-place
+# write of a tensor just read costs one pass): AdamW reads p, g, m, v and writes p, m, v (7);
+# coupled full state adds one (the column means must be complete before any row is updated, so
+# m crosses memory twice: 5 in phase 1, 3 in phase 2); compact state drops v (3 + 3).
+ADAMW_PASSES, COUPLED_PASSES, COMPACT_PASSES = 7, 8, 6
+
+
+def matrix_candidates(allow_ds_build: bool, full: bool = True
+                      ) -> tuple[dict[str, tuple[Callable, int]], list[str]]:
+    """name -> (maker of an optimizer over a param list, tensor passes its algorithm needs)."""
     def coupled(**kw):
         return lambda ps: CoupledAdam([{"params": ps, "coupled": True}], **HP, weight_decay=0.0, **kw)
 
     out = {
-        "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, **HP, weight_decay=0.0, fused=True),
-        "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, **HP, weight_decay=0.0, foreach=True),
-        "authors-style foreach coupled": lambda ps: AuthorsForeachCoupled(ps, **HP),
-        "CoupledAdam fast (default)": coupled(),
-        "CoupledAdam compact state": coupled(compact_coupled_state=True),
-        "CoupledAdam reference ops": coupled(blocked=False),
-        "CoupledAdam torch-chunked fallback": coupled(),  # run with the C kernels switched off
+        "torch AdamW fused": (lambda ps: torch.optim.AdamW(ps, **HP, weight_decay=0.0, fused=True),
+                              ADAMW_PASSES),
+        "torch AdamW foreach": (lambda ps: torch.optim.AdamW(ps, **HP, weight_decay=0.0,
+                                                             foreach=True), ADAMW_PASSES),
+        "authors-style foreach coupled": (lambda ps: AuthorsForeachCoupled(ps, **HP),
+                                          COUPLED_PASSES),
+        "CoupledAdam fast (default)": (coupled(), COUPLED_PASSES),
+        "CoupledAdam compact state": (coupled(compact_coupled_state=True), COMPACT_PASSES),
+        "CoupledAdam reference ops": (coupled(blocked=False), COUPLED_PASSES),
+        # run with the C kernels switched off
+        "CoupledAdam torch-chunked fallback": (coupled(), COUPLED_PASSES),
     }
+    if not full:
+        return {k: out[k] for k in ("torch AdamW fused", "CoupledAdam fast (default)",
+                                    "CoupledAdam compact state")}, []
     ds, notes = deepspeed_candidates(allow_ds_build)
-    out.update(ds)
+    out.update((name, (make, ADAMW_PASSES)) for name, make in ds.items())
     return out, notes
+
+
+def kernel_candidates(opt: CoupledAdam, p: torch.Tensor) -> dict[str, tuple[Callable, int]]:
+    """Each C kernel alone on the matrix and state of a full-state CoupledAdam (where time goes
+    inside the step): phase 1 with and without v, phase 2."""
+    state = opt.state[p]
+    m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
+    V, H = p.shape
+    acc_H = torch.zeros(H, dtype=torch.float64)
+    denom_H = torch.full((H,), 1e-3)
+    kw = dict(rows=V, H=H, rows_acc=V, beta1=HP["betas"][0], beta2=HP["betas"][1],
+              maximize=False)
+    return {
+        "C phase 1: m, v and column sums of v": (
+            lambda: cpu_kernels.phase1_rows_(acc_H, m, v, g, **kw), 5),
+        "C phase 1, compact: m and column sums of g^2": (
+            lambda: cpu_kernels.phase1_rows_(acc_H, m, None, g, **kw), 3),
+        "C phase 2: p from m and the [H] denominator": (
+            lambda: cpu_kernels.phase2_rows_(p.data, m, denom_H, rows=V, H=H, step_size=0.0,
+                                             decay=1.0), 3),
+    }
 
 
 # ---------------------------------------------------------------------------- sections
@@ -230,38 +338,73 @@ def _table(rows: list[tuple], header: tuple) -> None:
 
 
 SLOW = ("CoupledAdam reference ops", "CoupledAdam torch-chunked fallback", "torch AdamW foreach")
+HEADER = ("ms", "fused AdamW ms (paired)", "ratio", "fastest", "GB/s", "% of copy",
+          "step peak MiB", "state MiB")
 
 
-def bench_matrix(V: int, H: int, steps: int, allow_ds_build: bool, slow: bool = True) -> None:
-    print(f"\n## One step on a [{V}, {H}] fp32 matrix ({V * H * 4 / MiB:.0f} MiB per tensor)")
+def _row(name: str, timing: tuple, peak: int | None, state: int | None) -> tuple:
+    ms, base_ms, ratio, fastest, gbs, frac = timing
+    return (name, f"{ms:.1f}", f"{base_ms:.1f}", f"{ratio:.2f}x", f"{fastest:.2f}x",
+            "" if gbs is None else f"{gbs:.1f}", "" if frac is None else f"{frac:.0%}",
+            "n/a" if peak is None else f"{peak / MiB:.0f}",
+            "" if state is None else f"{state / MiB:.0f}")
+
+
+def bench_matrix(V: int, H: int, steps: int, allow_ds_build: bool, slow: bool = True,
+                 dtype: torch.dtype = torch.float32) -> None:
+    size = torch.finfo(dtype).bits // 8
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    print(f"\n## One step on a [{V}, {H}] {name} matrix ({V * H * size / MiB:.0f} MiB per tensor)")
     torch.manual_seed(0)
-    base_p = torch.nn.Parameter(torch.randn(V, H) * 0.02)
-    base_p.grad = torch.randn(V, H) * 1e-3
+    base_p = torch.nn.Parameter((torch.randn(V, H) * 0.02).to(dtype))
+    base_p.grad = (torch.randn(V, H) * 1e-3).to(dtype)
     baseline = torch.optim.AdamW([base_p], **HP, weight_decay=0.0, fused=True)
-    p = torch.nn.Parameter(torch.randn(V, H) * 0.02)
+    baseline.step()
+    p = torch.nn.Parameter((torch.randn(V, H) * 0.02).to(dtype))
     p.grad = base_p.grad
-    candidates, notes = matrix_candidates(allow_ds_build)
+    roofline = Roofline(V * H, dtype)
+    candidates, notes = matrix_candidates(allow_ds_build, full=dtype == torch.float32)
     rows = []
-    for name, make in candidates.items():
-        if name in SLOW and not slow:
+    for label, (make, passes) in candidates.items():
+        if label in SLOW and not slow:
             continue
         opt = make([p])
         saved = dict(cpu_kernels._state)
-        if "fallback" in name:
+        if "fallback" in label:
             cpu_kernels._state.update(lib=None, reason="switched off by the bench")
         try:
             opt.step()  # state allocated outside the measurements
             peak = step_peak_bytes(opt.step)
-            ms, base_ms, ratio = time_against(opt.step, baseline.step, steps)
+            timing = time_against(opt.step, baseline.step, steps, roofline,
+                                  passes * V * H * size)
         finally:
             cpu_kernels._state.clear()
             cpu_kernels._state.update(saved)
-        peak_s = "n/a" if peak is None else f"{peak / MiB:.0f}"
-        rows.append((name, f"{ms:.1f}", f"{base_ms:.1f}", f"{ratio:.2f}x", peak_s,
-                     f"{state_bytes(opt) / MiB:.0f}"))
+        rows.append(_row(label, timing, peak, state_bytes(opt)))
+        native = label in ("CoupledAdam fast (default)", "CoupledAdam compact state")
+        if native and cpu_kernels.library() is not None:
+            best = cpu_kernels.simd_level()
+            for level in [lv for lv in cpu_kernels.simd_levels() if lv != best][::-1]:
+                try:  # the same step on the other instruction-set variants this CPU runs
+                    cpu_kernels.set_simd_level(level)
+                    timing = time_against(opt.step, baseline.step, steps, roofline,
+                                          passes * V * H * size)
+                finally:
+                    cpu_kernels.set_simd_level(best)
+                rows.append(_row(f"  same, {level} kernels", timing, None, None))
+        if label == "CoupledAdam fast (default)" and cpu_kernels.library() is not None:
+            for kernel, (fn, kernel_passes) in kernel_candidates(opt, p).items():
+                timing = time_against(fn, baseline.step, steps, roofline,
+                                      kernel_passes * V * H * size)
+                rows.append(_row(f"  {kernel} ({kernel_passes} passes)", timing, None, None))
         del opt
-    _table(rows, ("implementation", "ms", "fused AdamW ms (paired)", "ratio", "step peak MiB",
-                  "state MiB"))
+    _table(rows, ("implementation", *HEADER))
+    print(f"  copy bandwidth (the faster of dst.copy_(src) and an in-place x.mul_(1), paired "
+          f"with the rows): {roofline.describe()}")
+    print(f"  bytes each step must move: {ADAMW_PASSES} tensor passes for AdamW, "
+          f"{COUPLED_PASSES} for coupled full state, {COMPACT_PASSES} for compact state; at "
+          f"equal bandwidth the floor is {COUPLED_PASSES / ADAMW_PASSES:.3f}x and "
+          f"{COMPACT_PASSES / ADAMW_PASSES:.3f}x fused AdamW")
     for note in notes:
         print(f"  note: {note}")
 
@@ -302,17 +445,25 @@ def bench_gpt2(steps: int) -> None:
         "CoupledAdam compact, fused AdamW for the rest": lambda: CoupledAdam(
             groups(True), **HP, fused=True, compact_coupled_state=True),
     }
+    roofline = Roofline(wte.numel())
+    adamw_bytes = ADAMW_PASSES * n * 4
+    extra = {"torch AdamW fused (second instance)": 0,
+             "CoupledAdam fast, fused AdamW for the rest": (COUPLED_PASSES - ADAMW_PASSES),
+             "CoupledAdam compact, fused AdamW for the rest": (COMPACT_PASSES - ADAMW_PASSES)}
+    baseline.step()
     rows = []
     for name, make in candidates.items():
         opt = make()
         opt.step()
         peak = step_peak_bytes(opt.step)
-        ms, base_ms, ratio = time_against(opt.step, baseline.step, steps)
-        rows.append((name, f"{ms:.1f}", f"{base_ms:.1f}", f"{ratio:.2f}x",
-                     "n/a" if peak is None else f"{peak / MiB:.0f}", f"{state_bytes(opt) / MiB:.0f}"))
+        step_bytes = adamw_bytes + extra[name] * wte.numel() * 4
+        timing = time_against(opt.step, baseline.step, steps, roofline, step_bytes)
+        rows.append(_row(name, timing, peak, state_bytes(opt)))
         del opt
-    _table(rows, ("whole optimizer", "ms", "fused AdamW ms (paired)", "ratio", "step peak MiB",
-                  "state MiB"))
+    _table(rows, ("whole optimizer", *HEADER))
+    print(f"  copy bandwidth (on a tensor of the embedding's size): {roofline.describe()}; "
+          f"floor at equal bandwidth: {(adamw_bytes + wte.numel() * 4) / adamw_bytes:.3f}x full "
+          f"state, {(adamw_bytes - wte.numel() * 4) / adamw_bytes:.3f}x compact")
 
 
 def _rank_step_costs(rank: int, world: int, V: int, H: int, steps: int) -> dict:
@@ -381,30 +532,43 @@ def main() -> None:
     parser.add_argument("--shapes", default="50304x768,128256x768",
                         help="comma-separated VxH matrices (e.g. add 50304x4096,128256x4096; "
                              "each needs ~6 tensors of V*H*4 bytes)")
-    parser.add_argument("--steps", type=int, default=7, help="timed steps per candidate")
+    parser.add_argument("--steps", type=int, default=9, help="timed steps per candidate")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--only", default="matrix,gpt2,dist", help="sections to run")
     parser.add_argument("--dist-shape", default="50304x768")
     parser.add_argument("--all", action="store_true",
                         help="time the slow candidates (%s) on every shape, not only the first"
                         % ", ".join(SLOW))
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="time with the wall clock, or (with --threads 1) the thread's CPU "
+                             "time: steadier on a machine shared with other jobs")
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="skip the bf16 run of the first shape (params, grads and state bf16)")
     parser.add_argument("--deepspeed", action="store_true",
                         help="JIT-build DeepSpeedCPUAdam if it is not built yet (minutes)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "thread":
+        if torch.get_num_threads() != 1:
+            parser.error("--clock thread times the calling thread only: add --threads 1")
+        global CLOCK
+        CLOCK = time.thread_time
     sections = set(args.only.split(","))
     start = time.perf_counter()
-    print("# coupled_ds step benchmark")
+    print(f"# coupled_ds step benchmark ({args.clock} clock)")
     for line in describe_machine():
         print(f"  {line}")
     build = c_build_seconds()
     print(f"  C kernels cold build: {'failed' if build is None else f'{build:.2f} s'} "
           "(once per machine; cached afterwards)")
     if "matrix" in sections:
-        for index, shape in enumerate(args.shapes.split(",")):
-            V, H = (int(x) for x in shape.lower().split("x"))
+        shapes = [tuple(int(x) for x in shape.lower().split("x"))
+                  for shape in args.shapes.split(",")]
+        for index, (V, H) in enumerate(shapes):
             bench_matrix(V, H, args.steps, args.deepspeed, slow=index == 0 or args.all)
+        if not args.no_bf16:
+            bench_matrix(*shapes[0], args.steps, args.deepspeed, dtype=torch.bfloat16)
     if "gpt2" in sections:
         bench_gpt2(args.steps)
     if "dist" in sections:

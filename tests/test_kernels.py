@@ -283,13 +283,15 @@ def test_without_c_compiler_the_torch_form_runs(monkeypatch):
 
 
 def test_pthread_build_matches_reference(monkeypatch, tmp_path):
-    """The build used where the compiler has no OpenMP: pthreads, on 2 threads, many chunks."""
+    """The build used where the compiler has no OpenMP and no x86 target attributes: pthreads
+    and only the baseline kernels, on 2 threads, many chunks."""
     try:
-        cpu_kernels._compile(tmp_path / "pthreads.so", openmp=False)
+        cpu_kernels._compile(tmp_path / "pthreads.so", openmp=False, variants=False)
     except RuntimeError as exc:
         pytest.skip(f"no C compiler: {exc}")
     lib = cpu_kernels._open(tmp_path / "pthreads.so")
     assert lib.coupled_uses_openmp() == 0
+    assert lib.coupled_simd_best() == 0 and lib.coupled_simd_select(1) == -1
     monkeypatch.setattr(cpu_kernels, "_state", {"lib": lib, "reason": None})
     monkeypatch.setattr(cpu_kernels, "_CHUNK_ELEMENTS", 2 * H)  # 3 rows a chunk
     threads = torch.get_num_threads()
@@ -303,6 +305,97 @@ def test_pthread_build_matches_reference(monkeypatch, tmp_path):
     reference, _ = _run(init, grads, vocab_size=33, blocked=False)
     torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got_pieces, reference, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- C kernels directly
+@pytest.fixture
+def simd_levels():
+    """The instruction-set variants this CPU runs; the best one is restored afterwards."""
+    if cpu_kernels.library() is None:
+        pytest.skip(f"C kernels unavailable: {cpu_kernels.unavailable_reason()}")
+    yield cpu_kernels.simd_levels()
+    cpu_kernels.set_simd_level(None)
+
+
+def _phase_inputs(rows, cols, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scales = {"p": 1.0, "m": 1e-2, "v": 1e-4, "g": 1e-2}
+    out = {k: torch.randn(rows, cols, generator=gen) * scale for k, scale in scales.items()}
+    out["v"] = out["v"].abs()
+    return {k: t.to(dtype) for k, t in out.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cols", [1, 7, 37, 67])  # below, inside, across 8- and 16-float vectors
+def test_c_kernels_every_simd_level_same_bits_and_torch_math(dtype, cols, simd_levels,
+                                                             monkeypatch):
+    """Each variant this CPU runs (forced in turn) gives the same bits, and they are torch's
+    math. 5-row chunks over 53 rows leave an odd row out of a chunk's row pairs and a short last
+    chunk, and the counted rows (41) end inside a chunk."""
+    monkeypatch.setattr(cpu_kernels, "_CHUNK_ELEMENTS", 5 * cols)
+    rows, rows_acc, beta1, beta2 = 53, 41, 0.9, 0.95
+    x = _phase_inputs(rows, cols, dtype, seed=cols)
+    denom_H = torch.rand(cols, generator=torch.Generator().manual_seed(1)) + 0.5
+    out = {}
+    for level in simd_levels:
+        assert cpu_kernels.set_simd_level(level) == level == cpu_kernels.simd_level()
+        m, v, m_max, p = x["m"].clone(), x["v"].clone(), x["m"].clone(), x["p"].clone()
+        acc_H = torch.full((cols,), 0.5, dtype=torch.float64)  # the kernels add to it
+        acc_g2_H = torch.zeros(cols, dtype=torch.float64)
+        kw = dict(rows=rows, H=cols, rows_acc=rows_acc, beta1=beta1, beta2=beta2)
+        cpu_kernels.phase1_rows_(acc_H, m, v, x["g"], maximize=False, **kw)
+        cpu_kernels.phase1_rows_(acc_g2_H, m_max, None, x["g"], maximize=True, **kw)
+        cpu_kernels.phase2_rows_(p, m, denom_H, rows=rows, H=cols, step_size=1e-2, decay=0.99)
+        out[level] = (m, v, acc_H, m_max, acc_g2_H, p)
+    for level, got in out.items():
+        for name, a, b in zip(("m", "v", "acc", "m max", "acc g^2", "p"), got, out["baseline"]):
+            assert torch.equal(a, b), f"{level} differs from baseline in {name}"
+    m, v, acc_H, m_max, acc_g2_H, p = out["baseline"]
+    f = {k: t.float() for k, t in x.items()}
+    g = f["g"]
+    tol = dict(rtol=1e-6, atol=1e-9) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-9)
+    torch.testing.assert_close(m, f["m"].lerp(g, 1 - beta1).to(dtype), **tol)
+    torch.testing.assert_close(m_max, f["m"].lerp(-g, 1 - beta1).to(dtype), **tol)
+    torch.testing.assert_close(v, (f["v"] * beta2 + (1 - beta2) * g * g).to(dtype), **tol)
+    # The sums are of the stored (rounded) v, over the counted rows only.
+    torch.testing.assert_close(acc_H, 0.5 + v[:rows_acc].double().sum(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(acc_g2_H, (g * g)[:rows_acc].double().sum(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(p, (f["p"] * 0.99 - 1e-2 * (m.float() / denom_H)).to(dtype), **tol)
+
+
+def test_c_kernels_round_bf16_as_torch_does(simd_levels):
+    """With beta2 = 0 the new v is g^2, exact in float32 for bf16 g, so every variant must store
+    torch's rounding of it bit for bit: ties to even, overflow to inf, NaN kept NaN."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(64, 64, generator=gen) * 2.0 ** torch.randint(-70, 70, (64, 64), generator=gen)
+    g.view(-1)[:3] = torch.tensor([float("nan"), 1e20, -float("inf")])
+    g = g.bfloat16()
+    square = g.float() * g.float()
+    ties = (square.view(torch.int32) & 0xFFFF) == 0x8000
+    assert ties.sum() > 5, "the data must contain exact ties"
+    want = square.bfloat16()
+    nan = want.isnan()
+    for level in simd_levels:
+        cpu_kernels.set_simd_level(level)
+        m, v = torch.zeros_like(g), torch.ones_like(g)
+        cpu_kernels.phase1_rows_(torch.zeros(64, dtype=torch.float64), m, v, g, rows=64, H=64,
+                                 rows_acc=64, beta1=0.9, beta2=0.0, maximize=False)
+        assert torch.equal(v.isnan(), nan), level
+        assert torch.equal(v[~nan].view(torch.int16), want[~nan].view(torch.int16)), level
+
+
+def test_simd_level_choice_errors_name_the_setting(simd_levels, monkeypatch):
+    with pytest.raises(ValueError, match=r"set_simd_level='sse9'.*baseline"):
+        cpu_kernels.set_simd_level("sse9")
+    assert cpu_kernels.simd_level() == simd_levels[-1], "a refused choice changes nothing"
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("COUPLED_DS_SIMD", "sse9")
+    with pytest.raises(ValueError, match="COUPLED_DS_SIMD='sse9'"):
+        cpu_kernels.library()
+    with pytest.raises(ValueError, match="COUPLED_DS_SIMD='sse9'"):  # not only the first time
+        cpu_kernels.library()
+    monkeypatch.setenv("COUPLED_DS_SIMD", "baseline")
+    assert cpu_kernels.library() is not None and cpu_kernels.simd_level() == "baseline"
 
 
 def test_triton_tests_pass_under_the_interpreter():
