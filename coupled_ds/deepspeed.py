@@ -210,11 +210,14 @@ def _check_compact(params: Mapping[str, Any]) -> None:
 
 
 def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
-                    params: Mapping[str, Any] | None) -> CoupledAdam:
+                    params: Mapping[str, Any] | None, *, fused: bool | None = None
+                    ) -> CoupledAdam:
     """``CoupledAdam`` from ``cfg["optimizer"]["params"]`` over the parameters DeepSpeed was given.
 
     Coupled matrices are found in ``module.named_parameters()`` (names ``coupled_params`` as
     regexes, else the core's detection). Parameters not in ``model_parameters`` are left out.
+    ``fused`` is ``CoupledAdam(fused=...)``: the implementation of the uncoupled groups' AdamW
+    (the engine hook passes True where torch has fused kernels for the partitions' device).
 
     Raises:
         ValueError: An unknown key under ``params`` (lists the accepted ones), a bad value, or a
@@ -275,7 +278,7 @@ def build_optimizer(module: nn.Module, model_parameters: Iterable[Any],
               if k in params}
     if "betas" in params:
         kwargs["betas"] = tuple(params["betas"])
-    optimizer = CoupledAdam(groups, weight_decay=weight_decay,
+    optimizer = CoupledAdam(groups, weight_decay=weight_decay, fused=fused,
                             geometries=_partitioned_placeholders(groups), **kwargs)
     for group in optimizer.param_groups:
         if group["coupled"] and global_vocab_size is not None:
@@ -357,7 +360,23 @@ def _configure_basic_optimizer(original, engine, model_parameters):
         return original(engine, model_parameters)
     _check_offload(engine)
     _check_partitioned(engine)
-    return build_optimizer(engine.module, model_parameters, engine.optimizer_params())
+    return build_optimizer(engine.module, model_parameters, engine.optimizer_params(),
+                           fused=_fused_adamw_available(engine))
+
+
+def _fused_adamw_available(engine: Any) -> bool | None:
+    """Whether the uncoupled groups can take torch's fused AdamW (one pass per tensor).
+
+    Left to torch's default, CPU tensors (every ZeRO-Offload partition, and DS_ACCELERATOR=cpu)
+    get its single-tensor loop, about ten whole-tensor passes each, where DeepSpeed's own
+    "AdamW" would run one fused pass. torch has fused AdamW kernels for CPU and CUDA; elsewhere
+    (other accelerators) torch's default stays.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if engine.zero_use_cpu_optimizer() or get_accelerator().device_name() in ("cpu", "cuda"):
+        return True
+    return None
 
 
 def _configure_optimizer(original, engine, client_optimizer, model_parameters):
