@@ -18,8 +18,8 @@ optimizer step alone, the bytes the coupling adds, and the load average at the s
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import socket
 import statistics
 import sys
 import time
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _ranks import add_gpt_args, init_rank, paired_rounds, spawn  # noqa: E402  (bench/_ranks.py)
 
 
 def _model_and_optimizer(args: argparse.Namespace, mesh, coupled: bool):
@@ -64,58 +64,30 @@ def _step(model, opt, ids, targets) -> tuple[float, float]:
 def _rank(rank: int, world: int, args: argparse.Namespace, port: str, queue) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_rank(rank, world, port, args.threads)
     mesh = init_device_mesh("cpu", (world // args.tp, args.tp), mesh_dim_names=("dp", "tp"))
     runs = {"AdamW": _model_and_optimizer(args, mesh, False),
             "CoupledAdam": _model_and_optimizer(args, mesh, True)}
     gen = torch.Generator().manual_seed(mesh.get_local_rank("dp"))
-    times = {name: ([], []) for name in runs}
-    for round_index in range(args.warmup + args.steps):
-        ids = torch.randint(0, args.vocab, (args.batch, args.block + 1), generator=gen)
-        order = list(runs) if round_index % 2 == 0 else list(runs)[::-1]
-        for name in order:
-            total, opt = _step(*runs[name], ids[:, :-1], ids[:, 1:])
-            if round_index >= args.warmup:
-                times[name][0].append(total)
-                times[name][1].append(opt)
+    times = paired_rounds({name: functools.partial(_step, *run) for name, run in runs.items()},
+                          args, gen)
     if rank == 0:
         queue.put((times, runs["CoupledAdam"][1].last_reduce_bytes))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--d", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--block", type=int, default=64, help="sequence length")
-    parser.add_argument("--batch", type=int, default=4, help="micro-batch per data rank")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per optimizer")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    add_gpt_args(parser, vocab=8192, d=256, heads=4, batch=4, steps=20)
     parser.add_argument("--port", default=None, help="default: a free port")
     args = parser.parse_args()
     if args.ranks % args.tp:
         parser.error(f"--tp {args.tp} must divide --ranks {args.ranks}")
     load_start = os.getloadavg()[0]
-    queue = mp.get_context("spawn").Queue()
-    ctx = mp.start_processes(_rank, args=(args.ranks, args, args.port or _free_port(), queue),
-                             nprocs=args.ranks, join=False, start_method="spawn")
-    times, coupled_bytes = queue.get(timeout=3600)
-    ctx.join()
+    times, coupled_bytes = spawn(_rank, args.ranks, args, port=args.port)
     med = {name: (statistics.median(t), statistics.median(o)) for name, (t, o) in times.items()}
     print(f"FSDP2, {args.ranks} CPU ranks (mesh dp={args.ranks // args.tp} x tp={args.tp}), GPT "
           f"{args.layers} layers d={args.d} V={args.vocab} T={args.block} micro-batch "

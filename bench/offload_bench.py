@@ -14,9 +14,10 @@ groups (embedding alone, decayed matrices, the rest), so ZeRO lays out identical
   a few minutes; it is cached under ``~/.cache/torch_extensions`` afterwards. Never kill the
   process while it builds: a killed build leaves a lock there that hangs every later build);
 * ``CoupledAdam (JSON)``: ``"type": "CoupledAdam"``, as a user gets it from the config;
-* ``CoupledAdam, fused rest``: the same optimizer passed as a callable with ``fused=True``, so
-  the uncoupled groups run torch's fused CPU AdamW instead of torch's default for CPU tensors
-  (the single-tensor loop, several whole-tensor passes per op).
+* ``CoupledAdam, fused rest``: the same optimizer passed as a callable with ``fused=True`` (the
+  ``optimizer=`` route). The JSON path now also runs torch's fused AdamW for the uncoupled groups
+  on CPU (it used torch's single-tensor default there, several whole-tensor passes per op), so
+  the two CoupledAdam rows should agree; a gap between them is noise.
 
 With ``bf16`` the model's parameters are bf16 and the optimizer steps fp32 master weights; in
 DeepSpeed 0.19.8 ZeRO-2 copies the stepped fp32 partition back to the bf16 parameters after the
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -46,11 +46,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
+from _ranks import add_gpt_args, init_rank, spawn  # noqa: E402  (bench/_ranks.py)
 from gpt import GPT, GPTConfig  # noqa: E402  (examples/gpt.py, the demo's model)
 
 ENGINES = ("DeepSpeedCPUAdam", "CoupledAdam (JSON)", "CoupledAdam, fused rest")
@@ -156,10 +156,7 @@ def _rounds(fns: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
 
 
 def _rank(rank: int, world: int, args: argparse.Namespace, port: str, queue) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_rank(rank, world, port, args.threads)
     from coupled_ds import cpu_kernels
 
     results = {"simd": cpu_kernels.simd_level(), "dtypes": {}}
@@ -208,12 +205,6 @@ def _table(rows: list[tuple], header: tuple) -> None:
                         for i, (c, w) in enumerate(zip(r, widths))))
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def _cpu_adam_note() -> str:
     """Whether DeepSpeed's cpu_adam op is built already (else the first engine builds it)."""
     try:
@@ -231,18 +222,10 @@ def _cpu_adam_note() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, default=32768)
-    parser.add_argument("--d", type=int, default=384)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=6)
-    parser.add_argument("--block", type=int, default=64, help="sequence length")
-    parser.add_argument("--batch", type=int, default=2, help="micro-batch per rank")
-    parser.add_argument("--steps", type=int, default=12, help="timed rounds")
-    parser.add_argument("--warmup", type=int, default=3)
+    add_gpt_args(parser, vocab=32768, d=384, heads=6, batch=2, steps=12, steps_help="timed rounds")
     parser.add_argument("--opt-rounds", type=int, default=15,
                         help="rounds of the optimizer step alone, back to back")
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--dtypes", default="fp32,bf16", help="model parameter dtypes to run")
     args = parser.parse_args()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -251,12 +234,7 @@ def main() -> None:
           f"{args.batch}; {args.steps} timed rounds; load average {load}")
     print(f"  {_cpu_adam_note()}")
     start = time.perf_counter()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = mp.start_processes(_rank, args=(args.ranks, args, _free_port(), queue),
-                               nprocs=args.ranks, join=False, start_method="spawn")
-    results = queue.get(timeout=7200)
-    procs.join()
+    results = spawn(_rank, args.ranks, args, timeout=7200)
     print(f"  coupled_ds C kernels: SIMD {results['simd']}")
     for dtype, result in results["dtypes"].items():
         times = result["times"]

@@ -13,6 +13,7 @@ alike; the script prints median per-step times, their ratio, and the bytes the c
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -23,10 +24,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from _ranks import add_gpt_args, init_rank, paired_rounds, spawn  # noqa: E402  (bench/_ranks.py)
 from gpt import GPT, GPTConfig  # noqa: E402  (examples/gpt.py, the demo's model)
 
 
@@ -74,21 +75,10 @@ def _step(engine, ids, targets) -> tuple[float, float]:
 
 
 def _rank(rank: int, world: int, args: argparse.Namespace, port: str, queue) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_rank(rank, world, port, args.threads)
     engines = {"AdamW": _engine(args, False), "CoupledAdam": _engine(args, True)}
-    gen = torch.Generator().manual_seed(rank)
-    times = {name: ([], []) for name in engines}
-    for round_index in range(args.warmup + args.steps):
-        ids = torch.randint(0, args.vocab, (args.batch, args.block + 1), generator=gen)
-        order = list(engines) if round_index % 2 == 0 else list(engines)[::-1]
-        for name in order:  # alternate who goes first: caches and load hit both alike
-            total, opt = _step(engines[name], ids[:, :-1], ids[:, 1:])
-            if round_index >= args.warmup:
-                times[name][0].append(total)
-                times[name][1].append(opt)
+    times = paired_rounds({name: functools.partial(_step, e) for name, e in engines.items()},
+                          args, torch.Generator().manual_seed(rank))
     coupled_bytes = engines["CoupledAdam"].basic_optimizer.last_reduce_bytes
     if rank == 0:
         queue.put((times, coupled_bytes))
@@ -98,22 +88,10 @@ def _rank(rank: int, world: int, args: argparse.Namespace, port: str, queue) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--d", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--block", type=int, default=64, help="sequence length")
-    parser.add_argument("--batch", type=int, default=4, help="micro-batch per rank")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per optimizer")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    parser.add_argument("--port", default="29561")
+    add_gpt_args(parser, vocab=8192, d=256, heads=4, batch=4, steps=20)
+    parser.add_argument("--port", default=None, help="default: a free port")
     args = parser.parse_args()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    mp.start_processes(_rank, args=(2, args, args.port, queue), nprocs=2, join=False,
-                       start_method="spawn")
-    times, coupled_bytes = queue.get(timeout=3600)
+    times, coupled_bytes = spawn(_rank, 2, args, port=args.port)
     med = {name: (statistics.median(t), statistics.median(o)) for name, (t, o) in times.items()}
     best = {name: (min(t), min(o)) for name, (t, o) in times.items()}
     print(f"ZeRO-2, 2 CPU ranks, GPT {args.layers} layers d={args.d} V={args.vocab} "
