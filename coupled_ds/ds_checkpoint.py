@@ -11,8 +11,10 @@ DeepSpeed hands the base optimizer whatever the checkpoint holds, in three ways 
   parameter's fp32 weight and moments are read by name (layout-free), but the groups are walked
   in ``zip(ours, saved)``, which stops at the shorter list (parameters of the remaining groups
   stay unrestored) and copies the saved groups' options into ours.
-* universal checkpoints, ZeRO 3: every parameter by name; :mod:`coupled_ds.zero` keeps each
-  group's own options.
+* universal checkpoints, ZeRO 3 (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``):
+  every parameter by name, but param group 0's options are copied into every group (every group
+  would be coupled, with the embedding's weight decay), and one ``step`` tensor object is stored
+  in every sub-group's state (an in-place ``step += 1`` would count once per group).
 
 :func:`guard_checkpoint_loads` wraps those entry points on the engine's optimizer objects so that a
 load either continues exactly or raises before the first step:
@@ -235,12 +237,16 @@ def _zero12_universal(zero_opt: Any, original: Any, lp_groups_name: str,
 
 
 def _stage3_universal(zero_opt: Any, original: Any, checkpoint_dir: str) -> None:
-    """ZeRO 3 universal load: the config must agree with a CoupledAdam checkpoint."""
+    """ZeRO 3 universal load: the config must agree with a CoupledAdam checkpoint; each group
+    keeps this run's options and each state its own ``step``."""
     saved = _universal_groups(checkpoint_dir)
     opt = zero_opt.optimizer
     if _is_coupled_checkpoint(saved) and len(saved) == len(opt.param_groups):
         _check_same_settings(opt.param_groups, saved, "DeepSpeed universal checkpoint load")
+    options = [_options(g) for g in opt.param_groups]
     original(checkpoint_dir)
+    for group, own in zip(opt.param_groups, options):
+        group.update(own)
     _take_scheduled_lr(opt.param_groups, saved)
     _normalise_steps(opt)
 

@@ -138,34 +138,7 @@ def _attach_stage3(engine: Any, zero_opt: Any, opt: CoupledAdam) -> list[str]:
         geometry = matrix.geometry(rank * ps if owned else 0, owned, 0, p.ds_process_group)
         opt.set_geometry(zero_opt.fp32_partitioned_groups_flat[sub_index], geometry)
         lines.append(_describe(geometry, p.ds_process_group, group["vocab_size"]))
-    _fix_stage3_universal_load(zero_opt, opt)
     return lines
-
-
-def _fix_stage3_universal_load(zero_opt: Any, opt: CoupledAdam) -> None:
-    """Two things ZeRO 3's universal-checkpoint loader does (deepspeed 0.19.8,
-    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) that break any multi-group run:
-
-    * it copies param group 0's options into every group, which would mark every group coupled
-      and give all of them the embedding's weight decay: each group keeps its own options;
-    * it stores one ``step`` tensor object in every sub-group's state, so an in-place
-      ``step += 1`` (CoupledAdam, torch AdamW) counts once per group: each state gets its own.
-    """
-    original = zero_opt.load_hp_checkpoint_state_from_checkpoint_dir_stage3
-
-    def load(checkpoint_dir: str) -> None:
-        options = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-        original(checkpoint_dir)
-        for group, own in zip(opt.param_groups, options):
-            group.update(own)
-        for state in opt.state.values():
-            step = state.get("step")
-            if isinstance(step, torch.Tensor):
-                state["step"] = step.clone()
-            elif step is not None:
-                state["step"] = torch.tensor(float(step), dtype=torch.float32)
-
-    zero_opt.load_hp_checkpoint_state_from_checkpoint_dir_stage3 = load
 
 
 def _attach_whole_matrices(engine: Any, opt: CoupledAdam, wrapped: bool) -> list[str]:
