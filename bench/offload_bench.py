@@ -123,25 +123,34 @@ def _optimizer_only(engine, seed: int):
     for flat in zero.single_partition_of_fp32_groups:
         flat.grad = torch.randn(flat.shape, generator=gen) * 1e-3
 
+    reduce_s = getattr(base, "reduce_s", None)
+
     def step() -> None:
         groups = base.param_groups
         try:
             for group in groups:
                 base.param_groups = [group]
+                if reduce_s is not None:
+                    base.last_reduce_seconds = 0.0
                 base.step()
+                if reduce_s is not None:
+                    reduce_s[-1] += base.last_reduce_seconds
         finally:
             base.param_groups = groups
 
     return step
 
 
-def _rounds(fns: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
+def _rounds(fns: dict, rounds: int, warmup: int, before_each=None) -> dict[str, list[float]]:
     """Seconds per call of each function, in rounds with a rotating order. Every call starts
     after a barrier, so a coupled step's all-reduce does not also time how far behind the other
-    rank was (DeepSpeedCPUAdam has no collective inside its step)."""
+    rank was (DeepSpeedCPUAdam has no collective inside its step). ``before_each`` runs once
+    before each round."""
     names = list(fns)
     out = {name: [] for name in names}
     for index in range(warmup + rounds):
+        if before_each is not None:
+            before_each()
         shift = index % len(names)
         order = names[shift:] + names[:shift]
         if (index // len(names)) % 2:
@@ -184,11 +193,19 @@ def _rank(rank: int, world: int, args: argparse.Namespace, port: str, queue) -> 
                     times[kind]["train step"].append(t2 - t0)
                     times[kind]["engine.step()"].append(t2 - t1)
                     times[kind]["optimizer step()"].append(spent[kind][0])
-        # The optimizer alone, back to back (tighter pairs than inside a training step).
+        # The optimizer alone, back to back (tighter pairs than inside a training step), and
+        # how much of a CoupledAdam step is the all-reduce of the column sums.
+        reduce_s = {}
+        for kind, engine in engines.items():
+            if kind != "DeepSpeedCPUAdam":
+                reduce_s[kind] = engine.basic_optimizer.reduce_s = []
         alone = _rounds({kind: _optimizer_only(engine, rank) for kind, engine in engines.items()},
-                        args.opt_rounds, 2)
+                        args.opt_rounds, 2,
+                        before_each=lambda: [r.append(0.0) for r in reduce_s.values()])
         for kind in ENGINES:
             times[kind]["optimizer alone"] = alone[kind]
+            if kind in reduce_s:  # the 2 warm-up rounds are not kept
+                times[kind]["of which the all-reduce"] = reduce_s[kind][2:]
         numel = sum(p.numel() for p in engines[ENGINES[0]].module.parameters())
         results["dtypes"][dtype] = {"times": times, "params": numel}
         del engines
@@ -248,6 +265,17 @@ def main() -> None:
                 rows.append((kind, f"{statistics.median(cand) * 1e3:.1f}", f"{ratio:.3f}x",
                              f"{min(cand) / min(base):.3f}x"))
             _table(rows, (what, "ms (median)", "ratio", "fastest"))
+            print()
+        if args.ranks > 1:
+            base = times[ENGINES[0]]["optimizer alone"]
+            for kind in ENGINES[1:]:
+                spent = times[kind]["of which the all-reduce"]
+                rest = [t - r for t, r in zip(times[kind]["optimizer alone"], spent)]
+                without = statistics.median(r / b for r, b in zip(rest, base))
+                print(f"  {kind}, optimizer alone: the all-reduce of the [H] column sums (gloo, "
+                      f"including the wait for the other rank) took "
+                      f"{statistics.median(spent) * 1e3:.2f} ms of each step; without it "
+                      f"{without:.3f}x")
             print()
     print("targets: training step <= 1.05x and optimizer step <= 1.15x DeepSpeedCPUAdam's; "
           "ratio: median of per-round ratios; fastest: fastest step over fastest step (the "

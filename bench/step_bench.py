@@ -23,10 +23,17 @@ How it measures, and why:
 * Roofline: the step is memory-bound, so each row also gives its bandwidth, the bytes its
   algorithm must move (tensor passes x tensor bytes: 7 for AdamW, 8 for coupled full state, 6
   for compact, 5 / 3 / 3 for the C phase kernels alone) over its median time, and that as a
-  fraction of a copy's bandwidth measured in the same rounds ("% of copy"; see
-  :class:`Roofline`). Numbers from different machines compare through that column. The header
-  names the SIMD level the C kernels dispatched to on this CPU; the coupled steps are also
-  timed on every other variant the CPU runs ("same, avx2 kernels" on an AVX-512 machine).
+  fraction of a copy's bandwidth measured in the same rounds ("% of copy"). Where a core's
+  traffic is limited by the reads it can have in flight rather than by the memory bus, writing
+  back a line just read costs little, and reads are what count: AdamW reads 4 tensors per
+  element, coupled full state 5, compact 4. "% of R/W" is the row's time against that model
+  (reads and write-backs each priced by a read-only and an in-place pass in the same rounds),
+  and the footer gives the floors both models set (see :class:`Roofline`). Numbers from
+  different machines compare through these columns. The header names the SIMD level the C
+  kernels dispatched to on this CPU and the transparent-huge-page setting (CoupledAdam puts
+  its state in huge pages, :mod:`coupled_ds.hugepages`; the row "torch AdamW fused, its state
+  in huge pages" shows what that placement alone gives torch's AdamW); the coupled steps are
+  also timed on every other variant the CPU runs ("same, avx2 kernels" on an AVX-512 machine).
 * Peak memory of a step: tracemalloc cannot see torch's allocations, so the bench resets the
   kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs`` resets VmHWM) right before one
   step and reports VmHWM minus the RSS before it. Tensors of a matrix's size are far above
@@ -54,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from coupled_ds import CoupledAdam, ShardGeometry, cpu_kernels, kernels  # noqa: E402
+from coupled_ds import CoupledAdam, ShardGeometry, cpu_kernels, hugepages, kernels  # noqa: E402
 
 HP = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
 # What the rounds are timed with: wall time, or with --clock thread (one thread only) the CPU
@@ -87,7 +94,7 @@ def describe_machine() -> list[str]:
     return [f"CPU: {model}, {cpus} CPUs ({caches}); load average {load}",
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"SIMD {torch.backends.cpu.get_cpu_capability()}, Python {platform.python_version()}",
-            f"coupled_ds C kernels: {native}"]
+            f"coupled_ds C kernels: {native}", hugepages.status()]
 
 
 def c_build_seconds() -> float | None:
@@ -154,15 +161,23 @@ def time_rounds(members: list[Callable[[], object]], steps: int) -> list[list[fl
 
 
 class Roofline:
-    """The bandwidth a plain streaming pass reaches on this machine, measured next to each row.
+    """What a plain streaming pass costs on this machine, measured next to each row, in two models.
 
-    Two references over a tensor of the matrix's size, both counted as one read and one write:
-    ``dst.copy_(src)`` and an in-place pass ``x.mul_(1)``. On a write-allocate cache a copy also
-    reads its destination (read-for-ownership) unless it uses non-temporal stores, so on some
-    machines the in-place pass is the faster one; in-place optimizers read every tensor they
-    write, so the faster of the two is the bound they can reach. A row's "% of copy" is its
-    bytes per second (the bytes its algorithm must move, over its time) against that bound in
-    the same round.
+    Bytes: ``dst.copy_(src)`` and an in-place pass ``x.mul_(1)`` over a tensor of the matrix's
+    size, both counted as one read and one write. On a write-allocate cache a copy also reads its
+    destination (read-for-ownership) unless it uses non-temporal stores, so on some machines the
+    in-place pass is the faster one; in-place optimizers read every tensor they write, so the
+    faster of the two is the bound they can reach. A row's "% of copy" is its bytes per second
+    (the bytes its algorithm must move, over its time) against that bound in the same round.
+
+    Reads and writes: a read-only pass (the faster of ``x.sum()`` and ``x.amax()``) gives the
+    time of reading one tensor, t_r; the in-place pass minus it gives what writing the tensor
+    back adds, t_w. Where a core's memory traffic is limited by the lines it can have in flight
+    (reads), write-backs of lines just read ride along and t_w is near 0; where the memory bus
+    itself is the limit, t_w is near t_r and this model becomes the bytes model. A step with R
+    tensor reads and W tensor writes per element then takes at least R t_r + W t_w ("% of R/W"),
+    and the coupled steps' floors against fused AdamW follow from the measured t_w / t_r:
+    (5 t_r + 3 t_w) / (4 t_r + 3 t_w) for full state, (4 t_r + 2 t_w) / (4 t_r + 3 t_w) compact.
     """
 
     def __init__(self, numel: int, dtype: torch.dtype = torch.float32) -> None:
@@ -170,15 +185,40 @@ class Roofline:
         self.dst = torch.zeros(numel, dtype=dtype)
         self.bytes = 2 * numel * self.src.element_size()
         self.best_gbs: list[float] = []
+        self.read_s: list[float] = []
+        self.write_s: list[float] = []
 
     def members(self) -> list[Callable[[], object]]:
-        return [lambda: self.dst.copy_(self.src), lambda: self.src.mul_(1.0)]
+        return [lambda: self.dst.copy_(self.src), lambda: self.src.mul_(1.0),
+                lambda: self.src.sum(), lambda: self.src.amax()]
 
     def round_bandwidths(self, copy_s: list[float], inplace_s: list[float]) -> list[float]:
         """Bytes per second of the faster reference, per round."""
         out = [self.bytes / min(c, p) for c, p in zip(copy_s, inplace_s)]
         self.best_gbs += [b / 1e9 for b in out]
         return out
+
+    def round_read_write(self, inplace_s: list[float], sum_s: list[float], amax_s: list[float]
+                         ) -> list[tuple[float, float]]:
+        """(t_r, t_w) per round: seconds to read one tensor, and what writing it back adds. A
+        read-only reference slower than the in-place pass is compute-bound; t_r is then the
+        in-place pass's time and t_w 0."""
+        out = []
+        for inplace, a, b in zip(inplace_s, sum_s, amax_s):
+            t_r = min(a, b, inplace)
+            out.append((t_r, inplace - t_r))
+        self.read_s += [r for r, _ in out]
+        self.write_s += [w for _, w in out]
+        return out
+
+    def write_share(self) -> float:
+        """Median t_w / t_r: 0 where write-backs ride along with reads, 1 where bytes count."""
+        return statistics.median(w / r for r, w in zip(self.read_s, self.write_s))
+
+    def floor(self, reads: float, writes: float, base_reads: float, base_writes: float) -> float:
+        """The R/W model's floor of one step against another, with the median t_w / t_r."""
+        w = self.write_share()
+        return (reads + writes * w) / (base_reads + base_writes * w)
 
     def describe(self) -> str:
         if not self.best_gbs:
@@ -187,25 +227,40 @@ class Roofline:
         return (f"{statistics.median(gbs):.1f} GB/s median over {len(gbs)} rounds "
                 f"(range {gbs[0]:.1f}-{gbs[-1]:.1f})")
 
+    def describe_read_write(self) -> str:
+        if not self.read_s:
+            return "not measured"
+        numel_bytes = self.bytes / 2
+        return (f"reading a tensor {statistics.median(self.read_s) * 1e3:.2f} ms "
+                f"({numel_bytes / statistics.median(self.read_s) / 1e9:.1f} GB/s), writing it "
+                f"back adds {self.write_share():.0%} of that")
+
 
 def time_against(step: Callable[[], object], baseline: Callable[[], object], steps: int,
-                 roofline: Roofline | None = None, step_bytes: int = 0
-                 ) -> tuple[float, float, float, float, float | None, float | None]:
+                 roofline: Roofline | None = None, traffic: tuple[float, float] | None = None,
+                 tensor_bytes: int = 0) -> tuple:
     """(candidate ms, baseline ms, median ratio candidate/baseline per round, ratio of the
     fastest candidate step to the fastest baseline step, candidate GB/s, median fraction of the
-    roofline's bandwidth per round; the last two None without a roofline). On a loaded machine
-    the fastest steps are the ones least disturbed, so the second ratio is the steadier one."""
+    copy bound per round, median fraction of the R/W bound per round; the last three None
+    without a roofline). ``traffic`` is (tensor reads, tensor writes) per element of a tensor of
+    ``tensor_bytes``. On a loaded machine the fastest steps are the ones least disturbed, so the
+    second ratio is the steadier one."""
     members = [step, baseline] + (roofline.members() if roofline else [])
     times = time_rounds(members, steps)
     cand, base = times[0], times[1]
     ratio = statistics.median(c / b for c, b in zip(cand, base))
-    gbs = frac = None
-    if roofline is not None and step_bytes:
+    gbs = frac = frac_rw = None
+    if roofline is not None and traffic:
+        reads, writes = traffic
+        step_bytes = (reads + writes) * tensor_bytes
         bound = roofline.round_bandwidths(times[2], times[3])
         gbs = step_bytes / statistics.median(cand) / 1e9
         frac = statistics.median(step_bytes / c / b for c, b in zip(cand, bound))
+        rw = roofline.round_read_write(times[3], times[4], times[5])
+        frac_rw = statistics.median((reads * t_r + writes * t_w) / c
+                                    for c, (t_r, t_w) in zip(cand, rw))
     return (statistics.median(cand) * 1e3, statistics.median(base) * 1e3, ratio,
-            min(cand) / min(base), gbs, frac)
+            min(cand) / min(base), gbs, frac, frac_rw)
 
 
 # ---------------------------------------------------------------------------- candidates
@@ -274,41 +329,67 @@ def deepspeed_candidates(allow_build: bool) -> tuple[dict[str, Callable], list[s
     return out, notes
 
 
-# Tensor passes each algorithm must make over memory per element (reads + writes; an in-place
-# write of a tensor just read costs one pass): AdamW reads p, g, m, v and writes p, m, v (7);
-# coupled full state adds one (the column means must be complete before any row is updated, so
-# m crosses memory twice: 5 in phase 1, 3 in phase 2); compact state drops v (3 + 3).
-ADAMW_PASSES, COUPLED_PASSES, COMPACT_PASSES = 7, 8, 6
+# Tensor reads and writes each algorithm must make per element (an in-place write of a tensor
+# just read is one write): AdamW reads p, g, m, v and writes p, m, v; coupled full state reads m
+# once more (the column means must be complete before any row is updated, so phase 1 reads g, m,
+# v and writes m, v, phase 2 reads p, m and writes p); compact state drops v (2 + 1, then 2 + 1).
+ADAMW_RW, COUPLED_RW, COMPACT_RW = (4, 3), (5, 3), (4, 2)
+ADAMW_PASSES, COUPLED_PASSES, COMPACT_PASSES = (sum(rw) for rw in
+                                                (ADAMW_RW, COUPLED_RW, COMPACT_RW))
+
+
+class adamw_state_in_huge_pages(torch.optim.AdamW):  # noqa: N801 - used like a function
+    """torch's fused AdamW with its state moved to huge pages as CoupledAdam allocates its own
+    (coupled_ds.hugepages): the control that shows what placement alone is worth."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        super().__init__(params, **HP, weight_decay=0.0, fused=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        fresh = not self.state
+        out = super().step(closure)
+        if fresh:
+            for state in self.state.values():
+                for key in ("exp_avg", "exp_avg_sq"):
+                    moved = hugepages.zeros_like(state[key])
+                    state[key] = moved.copy_(state[key])
+        return out
 
 
 def matrix_candidates(allow_ds_build: bool, full: bool = True
-                      ) -> tuple[dict[str, tuple[Callable, int]], list[str]]:
-    """name -> (maker of an optimizer over a param list, tensor passes its algorithm needs)."""
+                      ) -> tuple[dict[str, tuple[Callable, tuple[int, int]]], list[str]]:
+    """name -> (maker of an optimizer over a param list, (tensor reads, tensor writes) its
+    algorithm needs per element)."""
     def coupled(**kw):
         return lambda ps: CoupledAdam([{"params": ps, "coupled": True}], **HP, weight_decay=0.0, **kw)
 
     out = {
         "torch AdamW fused": (lambda ps: torch.optim.AdamW(ps, **HP, weight_decay=0.0, fused=True),
-                              ADAMW_PASSES),
+                              ADAMW_RW),
+        "torch AdamW fused, its state in huge pages": (adamw_state_in_huge_pages, ADAMW_RW),
         "torch AdamW foreach": (lambda ps: torch.optim.AdamW(ps, **HP, weight_decay=0.0,
-                                                             foreach=True), ADAMW_PASSES),
+                                                             foreach=True), ADAMW_RW),
         "authors-style foreach coupled": (lambda ps: AuthorsForeachCoupled(ps, **HP),
-                                          COUPLED_PASSES),
-        "CoupledAdam fast (default)": (coupled(), COUPLED_PASSES),
-        "CoupledAdam compact state": (coupled(compact_coupled_state=True), COMPACT_PASSES),
-        "CoupledAdam reference ops": (coupled(blocked=False), COUPLED_PASSES),
+                                          COUPLED_RW),
+        "CoupledAdam fast (default)": (coupled(), COUPLED_RW),
+        "CoupledAdam compact state": (coupled(compact_coupled_state=True), COMPACT_RW),
+        "CoupledAdam reference ops": (coupled(blocked=False), COUPLED_RW),
         # run with the C kernels switched off
-        "CoupledAdam torch-chunked fallback": (coupled(), COUPLED_PASSES),
+        "CoupledAdam torch-chunked fallback": (coupled(), COUPLED_RW),
     }
     if not full:
         return {k: out[k] for k in ("torch AdamW fused", "CoupledAdam fast (default)",
                                     "CoupledAdam compact state")}, []
+    if not hugepages.enabled():
+        del out["torch AdamW fused, its state in huge pages"]
     ds, notes = deepspeed_candidates(allow_ds_build)
-    out.update((name, (make, ADAMW_PASSES)) for name, make in ds.items())
+    out.update((name, (make, ADAMW_RW)) for name, make in ds.items())
     return out, notes
 
 
-def kernel_candidates(opt: CoupledAdam, p: torch.Tensor) -> dict[str, tuple[Callable, int]]:
+def kernel_candidates(opt: CoupledAdam, p: torch.Tensor
+                      ) -> dict[str, tuple[Callable, tuple[int, int]]]:
     """Each C kernel alone on the matrix and state of a full-state CoupledAdam (where time goes
     inside the step): phase 1 with and without v, phase 2."""
     state = opt.state[p]
@@ -320,12 +401,12 @@ def kernel_candidates(opt: CoupledAdam, p: torch.Tensor) -> dict[str, tuple[Call
               maximize=False)
     return {
         "C phase 1: m, v and column sums of v": (
-            lambda: cpu_kernels.phase1_rows_(acc_H, m, v, g, **kw), 5),
+            lambda: cpu_kernels.phase1_rows_(acc_H, m, v, g, **kw), (3, 2)),
         "C phase 1, compact: m and column sums of g^2": (
-            lambda: cpu_kernels.phase1_rows_(acc_H, m, None, g, **kw), 3),
+            lambda: cpu_kernels.phase1_rows_(acc_H, m, None, g, **kw), (2, 1)),
         "C phase 2: p from m and the [H] denominator": (
             lambda: cpu_kernels.phase2_rows_(p.data, m, denom_H, rows=V, H=H, step_size=0.0,
-                                             decay=1.0), 3),
+                                             decay=1.0), (2, 1)),
     }
 
 
@@ -338,14 +419,15 @@ def _table(rows: list[tuple], header: tuple) -> None:
 
 
 SLOW = ("CoupledAdam reference ops", "CoupledAdam torch-chunked fallback", "torch AdamW foreach")
-HEADER = ("ms", "fused AdamW ms (paired)", "ratio", "fastest", "GB/s", "% of copy",
+HEADER = ("ms", "fused AdamW ms (paired)", "ratio", "fastest", "GB/s", "% of copy", "% of R/W",
           "step peak MiB", "state MiB")
 
 
 def _row(name: str, timing: tuple, peak: int | None, state: int | None) -> tuple:
-    ms, base_ms, ratio, fastest, gbs, frac = timing
+    ms, base_ms, ratio, fastest, gbs, frac, frac_rw = timing
     return (name, f"{ms:.1f}", f"{base_ms:.1f}", f"{ratio:.2f}x", f"{fastest:.2f}x",
             "" if gbs is None else f"{gbs:.1f}", "" if frac is None else f"{frac:.0%}",
+            "" if frac_rw is None else f"{frac_rw:.0%}",
             "n/a" if peak is None else f"{peak / MiB:.0f}",
             "" if state is None else f"{state / MiB:.0f}")
 
@@ -365,7 +447,8 @@ def bench_matrix(V: int, H: int, steps: int, allow_ds_build: bool, slow: bool = 
     roofline = Roofline(V * H, dtype)
     candidates, notes = matrix_candidates(allow_ds_build, full=dtype == torch.float32)
     rows = []
-    for label, (make, passes) in candidates.items():
+    tensor_bytes = V * H * size
+    for label, (make, traffic) in candidates.items():
         if label in SLOW and not slow:
             continue
         opt = make([p])
@@ -375,8 +458,8 @@ def bench_matrix(V: int, H: int, steps: int, allow_ds_build: bool, slow: bool = 
         try:
             opt.step()  # state allocated outside the measurements
             peak = step_peak_bytes(opt.step)
-            timing = time_against(opt.step, baseline.step, steps, roofline,
-                                  passes * V * H * size)
+            timing = time_against(opt.step, baseline.step, steps, roofline, traffic,
+                                  tensor_bytes)
         finally:
             cpu_kernels._state.clear()
             cpu_kernels._state.update(saved)
@@ -388,15 +471,16 @@ def bench_matrix(V: int, H: int, steps: int, allow_ds_build: bool, slow: bool = 
                 try:  # the same step on the other instruction-set variants this CPU runs
                     cpu_kernels.set_simd_level(level)
                     timing = time_against(opt.step, baseline.step, steps, roofline,
-                                          passes * V * H * size)
+                                          traffic, tensor_bytes)
                 finally:
                     cpu_kernels.set_simd_level(best)
                 rows.append(_row(f"  same, {level} kernels", timing, None, None))
         if label == "CoupledAdam fast (default)" and cpu_kernels.library() is not None:
-            for kernel, (fn, kernel_passes) in kernel_candidates(opt, p).items():
-                timing = time_against(fn, baseline.step, steps, roofline,
-                                      kernel_passes * V * H * size)
-                rows.append(_row(f"  {kernel} ({kernel_passes} passes)", timing, None, None))
+            for kernel, (fn, (reads, writes)) in kernel_candidates(opt, p).items():
+                timing = time_against(fn, baseline.step, steps, roofline, (reads, writes),
+                                      tensor_bytes)
+                rows.append(_row(f"  {kernel} ({reads} reads, {writes} writes)", timing, None,
+                                 None))
         del opt
     _table(rows, ("implementation", *HEADER))
     print(f"  copy bandwidth (the faster of dst.copy_(src) and an in-place x.mul_(1), paired "
@@ -405,6 +489,11 @@ def bench_matrix(V: int, H: int, steps: int, allow_ds_build: bool, slow: bool = 
           f"{COUPLED_PASSES} for coupled full state, {COMPACT_PASSES} for compact state; at "
           f"equal bandwidth the floor is {COUPLED_PASSES / ADAMW_PASSES:.3f}x and "
           f"{COMPACT_PASSES / ADAMW_PASSES:.3f}x fused AdamW")
+    print(f"  reads and writes (R/W, paired with the rows): {roofline.describe_read_write()}; "
+          f"so the floor here is {roofline.floor(*COUPLED_RW, *ADAMW_RW):.3f}x fused AdamW for "
+          f"full state ({COUPLED_RW[0]} reads + {COUPLED_RW[1]} writes against "
+          f"{ADAMW_RW[0]} + {ADAMW_RW[1]}) and {roofline.floor(*COMPACT_RW, *ADAMW_RW):.3f}x "
+          f"for compact ({COMPACT_RW[0]} + {COMPACT_RW[1]})")
     for note in notes:
         print(f"  note: {note}")
 
@@ -446,24 +535,32 @@ def bench_gpt2(steps: int) -> None:
             groups(True), **HP, fused=True, compact_coupled_state=True),
     }
     roofline = Roofline(wte.numel())
-    adamw_bytes = ADAMW_PASSES * n * 4
-    extra = {"torch AdamW fused (second instance)": 0,
-             "CoupledAdam fast, fused AdamW for the rest": (COUPLED_PASSES - ADAMW_PASSES),
-             "CoupledAdam compact, fused AdamW for the rest": (COMPACT_PASSES - ADAMW_PASSES)}
+    # Reads and writes in units of one embedding-sized tensor: AdamW's on every parameter, and
+    # what the coupled embedding changes (one more read; compact: one write less).
+    scale = n / wte.numel()
+    adamw = (ADAMW_RW[0] * scale, ADAMW_RW[1] * scale)
+    traffic = {name: (adamw[0] + r - ADAMW_RW[0], adamw[1] + w - ADAMW_RW[1])
+               for name, (r, w) in (("torch AdamW fused (second instance)", ADAMW_RW),
+                                    ("CoupledAdam fast, fused AdamW for the rest", COUPLED_RW),
+                                    ("CoupledAdam compact, fused AdamW for the rest", COMPACT_RW))}
     baseline.step()
     rows = []
     for name, make in candidates.items():
         opt = make()
         opt.step()
         peak = step_peak_bytes(opt.step)
-        step_bytes = adamw_bytes + extra[name] * wte.numel() * 4
-        timing = time_against(opt.step, baseline.step, steps, roofline, step_bytes)
+        timing = time_against(opt.step, baseline.step, steps, roofline, traffic[name],
+                              wte.numel() * 4)
         rows.append(_row(name, timing, peak, state_bytes(opt)))
         del opt
     _table(rows, ("whole optimizer", *HEADER))
+    full, compact = (traffic[f"CoupledAdam {kind}, fused AdamW for the rest"]
+                     for kind in ("fast", "compact"))
     print(f"  copy bandwidth (on a tensor of the embedding's size): {roofline.describe()}; "
-          f"floor at equal bandwidth: {(adamw_bytes + wte.numel() * 4) / adamw_bytes:.3f}x full "
-          f"state, {(adamw_bytes - wte.numel() * 4) / adamw_bytes:.3f}x compact")
+          f"floor at equal bandwidth: {sum(full) / sum(adamw):.3f}x full state, "
+          f"{sum(compact) / sum(adamw):.3f}x compact")
+    print(f"  R/W: {roofline.describe_read_write()}; floor {roofline.floor(*full, *adamw):.3f}x "
+          f"full state, {roofline.floor(*compact, *adamw):.3f}x compact")
 
 
 def _rank_step_costs(rank: int, world: int, V: int, H: int, steps: int) -> dict:

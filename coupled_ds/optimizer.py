@@ -12,6 +12,7 @@ local shards.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from torch.optim import adamw as torch_adamw
 from torch.utils.weak import WeakIdKeyDictionary
 
-from coupled_ds import cpu_kernels, dtensor, kernels
+from coupled_ds import cpu_kernels, dtensor, hugepages, kernels
 from coupled_ds.geometry import ShardGeometry, full_matrix_geometry
 from coupled_ds.reduce import ColumnSums, allreduce_column_sums_
 
@@ -112,7 +113,10 @@ class CoupledAdam(torch.optim.Optimizer):
         for tensor, geometry in geometries:
             self.set_geometry(tensor, geometry)
         self._empty_pieces: list[tuple[ShardGeometry, torch.device]] = []
+        # What the last step's cross-rank reduction of column sums sent, and how long it took
+        # (including the wait for the slowest rank), for benchmarks and profiling.
         self.last_reduce_bytes = 0
+        self.last_reduce_seconds = 0.0
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and geometry
@@ -212,8 +216,8 @@ class CoupledAdam(torch.optim.Optimizer):
         if len(state) == 0:
             # Same layout as torch AdamW (non-capturable, non-fused): a float32 CPU scalar step.
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = hugepages.zeros_like(p)
+            state["exp_avg_sq"] = hugepages.zeros_like(p)
         return state
 
     def _init_coupled_state(self, p: torch.Tensor, geometry: ShardGeometry) -> dict[str, Any]:
@@ -223,7 +227,7 @@ class CoupledAdam(torch.optim.Optimizer):
         state = self.state[p]
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = hugepages.zeros_like(p)
             state["exp_avg_sq_col_mean"] = torch.zeros(geometry.cols, dtype=torch.float32,
                                                        device=p.device)
         return state
@@ -245,6 +249,15 @@ class CoupledAdam(torch.optim.Optimizer):
                     col_mean_H, dtensor.local(p), self.geometry_of(p)))
                 packed["state"][index_of[id(p)]] = entry
         return packed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's; large CPU state tensors then move into huge pages in place (see
+        :mod:`coupled_ds.hugepages`), so a resumed run steps as fast as a fresh one."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for value in state.values():
+                if torch.is_tensor(value):
+                    hugepages.advise(value)
 
     def _check_grad(self, group: dict[str, Any], index: int, p: torch.Tensor) -> None:
         if p.grad is not None and p.grad.is_sparse:
@@ -279,7 +292,7 @@ class CoupledAdam(torch.optim.Optimizer):
             self._check_grad(group, index, p)
             state = self._init_state(p)
             if group["amsgrad"] and "max_exp_avg_sq" not in state:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["max_exp_avg_sq"] = hugepages.zeros_like(p)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -318,7 +331,9 @@ class CoupledAdam(torch.optim.Optimizer):
             self._moments_and_column_sums(entry.col_sum_H, group, grad, local_state, geometry)
         for geometry, device in self._empty_pieces:
             self._column_sums_entry(sums, geometry, device)
+        start = time.perf_counter()
         self.last_reduce_bytes = allreduce_column_sums_(sums)
+        self.last_reduce_seconds = time.perf_counter() - start
         for group, p, state, local_state, geometry, grad in pieces:
             col_sum_H = sums[geometry.key].col_sum_H
             if self.compact_coupled_state:
