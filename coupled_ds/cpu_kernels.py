@@ -69,6 +69,7 @@ __all__ = ["SIMD_LEVELS", "library", "phase1_rows_", "phase2_rows_", "set_simd_l
            "simd_level", "simd_levels", "supports", "unavailable_reason"]
 
 _PRELUDE = r"""
+#define _POSIX_C_SOURCE 200112L /* posix_memalign under -std=c99 */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -248,10 +249,13 @@ int coupled_simd_current(void) { return current_level(); }
 /* ---------------------------------------------------------------- threads */
 /* Chunks of `chunk_rows` rows are handed out dynamically, so a thread the OS schedules late just
    does fewer chunks. Phase 1 writes each chunk's column sums to its own row of part[n_chunks, H];
-   the caller adds them in chunk order, so results do not depend on the schedule. */
+   the caller adds them in chunk order, so results do not depend on the schedule. The rows of
+   part and of the float32 scratch start on cache lines of their own (stride padded to 64 bytes):
+   neighbouring chunks run on different threads at the same time, and a line shared by two rows
+   would bounce between their cores at every row pair. */
 typedef struct job {
   int phase; phase1_fn p1; phase2_fn p2; size_t elem;
-  long n_chunks, chunk_rows, rows, H, rows_acc, next;
+  long n_chunks, chunk_rows, rows, H, rows_acc, next, part_stride, scratch_stride;
   void *p, *m, *v; const void *g; const float *denom;
   float beta1, beta2, step_size, decay; int maximize;
   double *part; float *scratch;
@@ -265,8 +269,8 @@ static void run_chunk(job_t *j, long i) {
     long counted = j->rows_acc - r0;
     counted = counted < 0 ? 0 : (counted > n ? n : counted);
     j->p1((char *)j->m + off, j->v ? (char *)j->v + off : 0, (const char *)j->g + off, n, j->H,
-          counted, j->beta1, j->beta2, j->maximize, j->part + i * j->H,
-          j->scratch + i * j->H);
+          counted, j->beta1, j->beta2, j->maximize, j->part + i * j->part_stride,
+          j->scratch + i * j->scratch_stride);
   } else {
     j->p2((char *)j->p + off, (const char *)j->m + off, j->denom, n, j->H, j->step_size,
           j->decay);
@@ -324,12 +328,18 @@ int coupled_phase1(int dtype, void *m, void *v, const void *g, long rows, long H
   job.m = m; job.v = v; job.g = g; job.rows = rows; job.H = H; job.rows_acc = rows_acc;
   job.beta1 = beta1; job.beta2 = beta2; job.maximize = maximize; job.chunk_rows = chunk_rows;
   job.n_chunks = (rows + chunk_rows - 1) / chunk_rows;
-  job.part = malloc((size_t)job.n_chunks * (size_t)H * sizeof(double));
-  job.scratch = malloc((size_t)job.n_chunks * (size_t)H * sizeof(float));
-  if (!job.part || !job.scratch) { free(job.part); free(job.scratch); return -1; }
+  job.part_stride = (H + 7) & ~7L;       /* 8 doubles = 64 bytes */
+  job.scratch_stride = (H + 15) & ~15L;  /* 16 floats = 64 bytes */
+  void *part = 0, *scratch = 0;
+  if (posix_memalign(&part, 64, (size_t)job.n_chunks * (size_t)job.part_stride * sizeof(double))
+      || posix_memalign(&scratch, 64,
+                        (size_t)job.n_chunks * (size_t)job.scratch_stride * sizeof(float))) {
+    free(part); free(scratch); return -1;
+  }
+  job.part = part; job.scratch = scratch;
   run_job(&job, threads);
   for (long i = 0; i < job.n_chunks && i * chunk_rows < rows_acc; ++i)
-    for (long j = 0; j < H; ++j) acc[j] += job.part[i * H + j];
+    for (long j = 0; j < H; ++j) acc[j] += job.part[i * job.part_stride + j];
   free(job.part); free(job.scratch);
   return 0;
 }
