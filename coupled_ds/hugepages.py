@@ -3,9 +3,10 @@
 The CPU step streams each state tensor through memory once or twice per step, and with 4 KiB
 pages every 4 KiB of every stream costs a TLB miss and stops the hardware prefetcher at the page
 boundary; in a virtual machine each TLB miss is a two-dimensional page walk. Measured on a
-2-vCPU KVM guest (``make bench``): an in-place pass over a 147 MiB tensor takes about 20% less
-time in 2 MiB pages, a read-only pass about 30% less; the coupled step with its state in huge
-pages 8% less (parameters and gradients are the model's and stay where they are).
+2-vCPU KVM guest: an in-place pass over a 147 MiB tensor took 16-30% less time in 2 MiB pages,
+a read-only pass 29% less, torch's fused AdamW with its state moved there 11% less (``make
+bench`` has that row), the coupled step with its state there 0-8% less (parameters and gradients
+are the model's and stay where they are); nothing when the host's memory bus is the limit.
 
 What this module does, and only for plain CPU tensors of at least :data:`MIN_BYTES`:
 

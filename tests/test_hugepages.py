@@ -97,7 +97,8 @@ def test_loaded_state_moves_into_huge_pages():
     saved = copy.deepcopy(opt.state_dict())
     # The dense matrix's v in a mapping of its own (as torch.load gives), in 4 KiB pages so far.
     value = saved["state"][1]["exp_avg_sq"]
-    region = mmap.mmap(-1, value.numel() * value.element_size())
+    region = mmap.mmap(-1, value.numel() * value.element_size(),  # private, as malloc's
+                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     loaded = torch.frombuffer(region, dtype=value.dtype).view(value.shape)
     loaded.copy_(value)
     saved["state"][1]["exp_avg_sq"] = loaded
