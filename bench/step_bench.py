@@ -566,23 +566,11 @@ def bench_gpt2(steps: int) -> None:
 def _rank_step_costs(rank: int, world: int, V: int, H: int, steps: int) -> dict:
     """One rank's flat slice (cut mid-row): the coupled step with and without the reduction, and
     the time spent inside the reduction (which includes waiting for the slower rank)."""
-    from coupled_ds import optimizer as optimizer_module
-
     total = V * H
     per_rank = -(-total // world) + 3  # + 3: the cut between ranks falls mid-row
     start = min(total, rank * per_rank)
     numel = min(total, start + per_rank) - start
     gen = torch.Generator().manual_seed(rank)
-    reduce_times: list[float] = []
-    allreduce = optimizer_module.allreduce_column_sums_
-
-    def timed_allreduce(sums):
-        t0 = time.perf_counter()
-        sent = allreduce(sums)
-        reduce_times.append(time.perf_counter() - t0)
-        return sent
-
-    optimizer_module.allreduce_column_sums_ = timed_allreduce
     out = {"start": start}
     for name, groups in (("coupled step, with all-reduce", (dist.group.WORLD,)),
                          ("coupled step, no reduction", ())):
@@ -591,18 +579,17 @@ def _rank_step_costs(rank: int, world: int, V: int, H: int, steps: int) -> dict:
         geometry = ShardGeometry("E", V, H, start_global_flat=start, numel=numel, groups=groups)
         opt = CoupledAdam([{"params": [p], "coupled": True}], **HP, weight_decay=0.0,
                           geometries=[(p, geometry)])
-        times = []
-        reduce_times.clear()
+        times, reduce_times = [], []
         for _ in range(steps + 2):
             dist.barrier()
             t0 = time.perf_counter()
             opt.step()
             times.append(time.perf_counter() - t0)
+            reduce_times.append(opt.last_reduce_seconds)
         out[name] = (statistics.median(times[2:]) * 1e3, opt.last_reduce_bytes)
         if groups:
             out["reduction inside the step"] = (statistics.median(reduce_times[2:]) * 1e3,
                                                 opt.last_reduce_bytes)
-    optimizer_module.allreduce_column_sums_ = allreduce
     return out
 
 

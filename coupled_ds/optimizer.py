@@ -22,7 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from coupled_ds import cpu_kernels, dtensor, hugepages, kernels
 from coupled_ds.geometry import ShardGeometry, full_matrix_geometry
-from coupled_ds.reduce import ColumnSums, allreduce_column_sums_
+from coupled_ds.reduce import ColumnSums, PendingReduction, start_allreduce_column_sums_
 
 __all__ = ["CoupledAdam"]
 
@@ -40,6 +40,22 @@ def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, we
     if not avg_scale > 0.0:
         raise ValueError(f"CoupledAdam {where}: invalid avg_scale={avg_scale!r}; expected > 0 "
                          "(Scaled Coupled Adam uses 2**-n).")
+
+
+class _CoupledFinish:
+    """The rest of a step's coupled groups once their column sums are in flight."""
+
+    def __init__(self, opt: CoupledAdam, pieces: list[tuple], sums: dict[str, ColumnSums],
+                 pending: PendingReduction) -> None:
+        self.opt, self.pieces, self.sums, self.pending = opt, pieces, sums, pending
+
+    def wait(self) -> None:
+        start = time.perf_counter()
+        self.opt.last_reduce_bytes = self.pending.wait()
+        self.opt.last_reduce_seconds += time.perf_counter() - start
+
+    def apply(self) -> None:
+        self.opt._coupled_updates(self.pieces, self.sums)
 
 
 class CoupledAdam(torch.optim.Optimizer):
@@ -113,8 +129,9 @@ class CoupledAdam(torch.optim.Optimizer):
         for tensor, geometry in geometries:
             self.set_geometry(tensor, geometry)
         self._empty_pieces: list[tuple[ShardGeometry, torch.device]] = []
-        # What the last step's cross-rank reduction of column sums sent, and how long it took
-        # (including the wait for the slowest rank), for benchmarks and profiling.
+        # What the last step's cross-rank reduction of column sums sent, and how long the step
+        # spent starting it and waiting for it (the wait includes the slowest rank; the AdamW
+        # groups step while it is in flight), for benchmarks and profiling.
         self.last_reduce_bytes = 0
         self.last_reduce_seconds = 0.0
         super().__init__(params, defaults)
@@ -274,14 +291,19 @@ class CoupledAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        coupled = []
-        for group in self.param_groups:
-            if group["coupled"]:
-                coupled.append(group)
-            else:
-                self._adamw_group(group)
-        if coupled or self._empty_pieces:
-            self._coupled_groups(coupled)
+        coupled = [group for group in self.param_groups if group["coupled"]]
+        # Coupled groups first: their column sums are then in flight (all-reduce started) while
+        # the AdamW groups step, and the updates that need the sums come last.
+        finish = self._coupled_groups(coupled) if coupled or self._empty_pieces else None
+        try:
+            for group in self.param_groups:
+                if not group["coupled"]:
+                    self._adamw_group(group)
+        finally:
+            if finish is not None:
+                finish.wait()  # every rank started this collective: finish it even on error
+        if finish is not None:
+            finish.apply()
         return loss
 
     def _adamw_group(self, group: dict[str, Any]) -> None:
@@ -310,8 +332,9 @@ class CoupledAdam(torch.optim.Optimizer):
             amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
 
-    def _coupled_groups(self, groups: list[dict[str, Any]]) -> None:
-        """Moments and column sums per piece, one reduction for all coupled matrices, updates."""
+    def _coupled_groups(self, groups: list[dict[str, Any]]) -> _CoupledFinish:
+        """Moments and column sums per piece, and the start of one reduction for all coupled
+        matrices; the returned object's ``wait()`` finishes the reduction, ``apply()`` updates."""
         pieces = []  # (group, local p, state, local views of the state, geometry, local grad)
         for group in groups:
             self._check_coupled_group(group, "coupled group")
@@ -332,8 +355,12 @@ class CoupledAdam(torch.optim.Optimizer):
         for geometry, device in self._empty_pieces:
             self._column_sums_entry(sums, geometry, device)
         start = time.perf_counter()
-        self.last_reduce_bytes = allreduce_column_sums_(sums)
+        pending = start_allreduce_column_sums_(sums)
         self.last_reduce_seconds = time.perf_counter() - start
+        return _CoupledFinish(self, pieces, sums, pending)
+
+    def _coupled_updates(self, pieces: list[tuple], sums: dict[str, ColumnSums]) -> None:
+        """Phase 2 of every piece, with the reduced column sums."""
         for group, p, state, local_state, geometry, grad in pieces:
             col_sum_H = sums[geometry.key].col_sum_H
             if self.compact_coupled_state:
