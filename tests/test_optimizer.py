@@ -237,3 +237,61 @@ def test_geometry_that_does_not_fit_is_refused():
 def test_bad_geometry_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ShardGeometry("E", **kwargs)
+
+
+def _record_order(monkeypatch, events):
+    """Record when the column-sum reduction starts and finishes and when AdamW groups step."""
+    from coupled_ds import optimizer as optimizer_module
+
+    start = optimizer_module.start_allreduce_column_sums_
+    adamw = optimizer_module.torch_adamw.adamw
+
+    def started(sums):
+        events.append("start reduction")
+        pending = start(sums)
+        wait = pending.wait
+
+        def waited():
+            events.append("finish reduction")
+            return wait()
+
+        pending.wait = waited
+        return pending
+
+    def stepped(*args, **kwargs):
+        events.append("adamw")
+        return adamw(*args, **kwargs)
+
+    monkeypatch.setattr(optimizer_module, "start_allreduce_column_sums_", started)
+    monkeypatch.setattr(optimizer_module.torch_adamw, "adamw", stepped)
+
+
+def test_adamw_groups_step_while_the_column_sums_are_reduced(monkeypatch):
+    """The all-reduce of the column sums is in flight while the AdamW groups step, and the
+    coupled update comes after it (the order that hides the collective's latency)."""
+    emb, dense = torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(8, 8))
+    opt = CoupledAdam([{"params": [emb], "coupled": True}, {"params": [dense]}], lr=1e-2)
+    emb.grad, dense.grad = torch.randn(16, 8), torch.randn(8, 8)
+    before = emb.detach().clone()
+    events = []
+    _record_order(monkeypatch, events)
+    opt.step()
+    assert events == ["start reduction", "adamw", "finish reduction"]
+    assert not torch.equal(emb, before)  # and the coupled update ran after it
+
+
+def test_error_in_an_adamw_group_still_finishes_the_reduction(monkeypatch):
+    """Every rank has started the collective before the AdamW groups: an error there must not
+    leave it pending (the next collective would pair with it), and the coupled update is skipped."""
+    emb = torch.nn.Parameter(torch.randn(16, 8))
+    table = torch.nn.Embedding(8, 4, sparse=True)
+    opt = CoupledAdam([{"params": [emb], "coupled": True}, {"params": [table.weight]}], lr=1e-2)
+    emb.grad = torch.randn(16, 8)
+    table(torch.tensor([1, 2])).sum().backward()
+    before = emb.detach().clone()
+    events = []
+    _record_order(monkeypatch, events)
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+    assert events == ["start reduction", "finish reduction"]
+    assert torch.equal(emb, before)
