@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         (save_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         print(f"[train_ds] done: {json.dumps(metrics)}", flush=True)
     dist.barrier()
+    # Tear the process group down before exit: a rank whose gloo threads still serve another at
+    # interpreter exit can abort ("terminate called without an active exception").
+    dist.destroy_process_group()
     return 0
 
 

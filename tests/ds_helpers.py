@@ -167,6 +167,10 @@ def _launched_main() -> None:
     if rank == 0:
         torch.save({"world": world, "optimizer": type(engine.basic_optimizer).__name__,
                     "params": params}, args.out)
+    # Leave together, process group torn down: a rank that exits while its gloo threads still
+    # serve the other can abort in C++ teardown ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

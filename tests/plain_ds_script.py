@@ -65,6 +65,10 @@ def main() -> None:
                     "params": {n: p.detach().clone() for n, p in model.named_parameters()}},
                    args.out)
         print(json.dumps({"local_rank": args.local_rank}))
+    # Leave together, process group torn down: a rank that exits while its gloo threads still
+    # serve the other can abort in C++ teardown ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
