@@ -114,43 +114,42 @@ def _timed_base_step(engine) -> list[float]:
     return spent
 
 
-def _optimizer_only(engine, seed: int):
+def _optimizer_only(engine, seed: int, reduce_s: list[float] | None = None):
     """The base optimizer's steps as ZeRO-2 makes them (one call per param group, with
     ``param_groups`` set to that group), on the engine's flat fp32 master partitions with fixed
-    gradients: the optimizer step alone, repeatable without forward and backward."""
+    gradients: the optimizer step alone, repeatable without forward and backward. With
+    ``reduce_s`` (CoupledAdam), each step appends the seconds it spent in the column-sum
+    all-reduce."""
     zero, base = engine.optimizer, engine.basic_optimizer
     gen = torch.Generator().manual_seed(seed)
     for flat in zero.single_partition_of_fp32_groups:
         flat.grad = torch.randn(flat.shape, generator=gen) * 1e-3
 
-    reduce_s = getattr(base, "reduce_s", None)
-
     def step() -> None:
-        groups = base.param_groups
+        groups, spent = base.param_groups, 0.0
         try:
             for group in groups:
                 base.param_groups = [group]
-                if reduce_s is not None:
+                if reduce_s is not None:  # a group without coupled matrices reduces nothing
                     base.last_reduce_seconds = 0.0
                 base.step()
                 if reduce_s is not None:
-                    reduce_s[-1] += base.last_reduce_seconds
+                    spent += base.last_reduce_seconds
         finally:
             base.param_groups = groups
+        if reduce_s is not None:
+            reduce_s.append(spent)
 
     return step
 
 
-def _rounds(fns: dict, rounds: int, warmup: int, before_each=None) -> dict[str, list[float]]:
+def _rounds(fns: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
     """Seconds per call of each function, in rounds with a rotating order. Every call starts
     after a barrier, so a coupled step's all-reduce does not also time how far behind the other
-    rank was (DeepSpeedCPUAdam has no collective inside its step). ``before_each`` runs once
-    before each round."""
+    rank was (DeepSpeedCPUAdam has no collective inside its step)."""
     names = list(fns)
     out = {name: [] for name in names}
     for index in range(warmup + rounds):
-        if before_each is not None:
-            before_each()
         shift = index % len(names)
         order = names[shift:] + names[:shift]
         if (index // len(names)) % 2:
@@ -195,13 +194,9 @@ def _rank(rank: int, world: int, args: argparse.Namespace, port: str, queue) -> 
                     times[kind]["optimizer step()"].append(spent[kind][0])
         # The optimizer alone, back to back (tighter pairs than inside a training step), and
         # how much of a CoupledAdam step is the all-reduce of the column sums.
-        reduce_s = {}
-        for kind, engine in engines.items():
-            if kind != "DeepSpeedCPUAdam":
-                reduce_s[kind] = engine.basic_optimizer.reduce_s = []
-        alone = _rounds({kind: _optimizer_only(engine, rank) for kind, engine in engines.items()},
-                        args.opt_rounds, 2,
-                        before_each=lambda: [r.append(0.0) for r in reduce_s.values()])
+        reduce_s = {kind: [] for kind in ENGINES if kind != "DeepSpeedCPUAdam"}
+        alone = _rounds({kind: _optimizer_only(engine, rank, reduce_s.get(kind))
+                         for kind, engine in engines.items()}, args.opt_rounds, 2)
         for kind in ENGINES:
             times[kind]["optimizer alone"] = alone[kind]
             if kind in reduce_s:  # the 2 warm-up rounds are not kept

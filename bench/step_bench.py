@@ -338,7 +338,7 @@ ADAMW_PASSES, COUPLED_PASSES, COMPACT_PASSES = (sum(rw) for rw in
                                                 (ADAMW_RW, COUPLED_RW, COMPACT_RW))
 
 
-class adamw_state_in_huge_pages(torch.optim.AdamW):  # noqa: N801 - used like a function
+class AdamWStateInHugePages(torch.optim.AdamW):
     """torch's fused AdamW with its state moved to huge pages as CoupledAdam allocates its own
     (coupled_ds.hugepages): the control that shows what placement alone is worth."""
 
@@ -367,7 +367,7 @@ def matrix_candidates(allow_ds_build: bool, full: bool = True
     out = {
         "torch AdamW fused": (lambda ps: torch.optim.AdamW(ps, **HP, weight_decay=0.0, fused=True),
                               ADAMW_RW),
-        "torch AdamW fused, its state in huge pages": (adamw_state_in_huge_pages, ADAMW_RW),
+        "torch AdamW fused, its state in huge pages": (AdamWStateInHugePages, ADAMW_RW),
         "torch AdamW foreach": (lambda ps: torch.optim.AdamW(ps, **HP, weight_decay=0.0,
                                                              foreach=True), ADAMW_RW),
         "authors-style foreach coupled": (lambda ps: AuthorsForeachCoupled(ps, **HP),

@@ -113,8 +113,10 @@ def status() -> str:
     mode = thp_mode()
     if mode is None:
         return "transparent huge pages: not available (optimizer state in 4 KiB pages)"
-    where = ("optimizer state of CPU tensors >= 4 MiB advised into huge pages" if enabled()
-             else "optimizer state in 4 KiB pages"
-             + (" (COUPLED_DS_HUGE_PAGES=0)" if os.environ.get("COUPLED_DS_HUGE_PAGES") == "0"
-                else ""))
+    if enabled():
+        where = "optimizer state of CPU tensors >= 4 MiB advised into huge pages"
+    elif os.environ.get("COUPLED_DS_HUGE_PAGES") == "0":
+        where = "optimizer state in 4 KiB pages (COUPLED_DS_HUGE_PAGES=0)"
+    else:
+        where = "optimizer state in 4 KiB pages"
     return f"transparent huge pages: enabled={mode}, defrag={thp_mode('defrag')}; {where}"

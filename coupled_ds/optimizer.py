@@ -12,7 +12,6 @@ local shards.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -40,22 +39,6 @@ def _check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, we
     if not avg_scale > 0.0:
         raise ValueError(f"CoupledAdam {where}: invalid avg_scale={avg_scale!r}; expected > 0 "
                          "(Scaled Coupled Adam uses 2**-n).")
-
-
-class _CoupledFinish:
-    """The rest of a step's coupled groups once their column sums are in flight."""
-
-    def __init__(self, opt: CoupledAdam, pieces: list[tuple], sums: dict[str, ColumnSums],
-                 pending: PendingReduction) -> None:
-        self.opt, self.pieces, self.sums, self.pending = opt, pieces, sums, pending
-
-    def wait(self) -> None:
-        start = time.perf_counter()
-        self.opt.last_reduce_bytes = self.pending.wait()
-        self.opt.last_reduce_seconds += time.perf_counter() - start
-
-    def apply(self) -> None:
-        self.opt._coupled_updates(self.pieces, self.sums)
 
 
 class CoupledAdam(torch.optim.Optimizer):
@@ -294,16 +277,18 @@ class CoupledAdam(torch.optim.Optimizer):
         coupled = [group for group in self.param_groups if group["coupled"]]
         # Coupled groups first: their column sums are then in flight (all-reduce started) while
         # the AdamW groups step, and the updates that need the sums come last.
-        finish = self._coupled_groups(coupled) if coupled or self._empty_pieces else None
+        started = self._coupled_groups(coupled) if coupled or self._empty_pieces else None
         try:
             for group in self.param_groups:
                 if not group["coupled"]:
                     self._adamw_group(group)
         finally:
-            if finish is not None:
-                finish.wait()  # every rank started this collective: finish it even on error
-        if finish is not None:
-            finish.apply()
+            if started is not None:  # every rank started this collective: finish it even on error
+                pending = started[2]
+                self.last_reduce_bytes = pending.wait()
+                self.last_reduce_seconds = pending.seconds
+        if started is not None:
+            self._coupled_updates(*started[:2])
         return loss
 
     def _adamw_group(self, group: dict[str, Any]) -> None:
@@ -332,9 +317,11 @@ class CoupledAdam(torch.optim.Optimizer):
             amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
 
-    def _coupled_groups(self, groups: list[dict[str, Any]]) -> _CoupledFinish:
+    def _coupled_groups(self, groups: list[dict[str, Any]]
+                        ) -> tuple[list[tuple], dict[str, ColumnSums], PendingReduction]:
         """Moments and column sums per piece, and the start of one reduction for all coupled
-        matrices; the returned object's ``wait()`` finishes the reduction, ``apply()`` updates."""
+        matrices: (pieces, their column sums, the reduction to wait for before
+        :meth:`_coupled_updates`)."""
         pieces = []  # (group, local p, state, local views of the state, geometry, local grad)
         for group in groups:
             self._check_coupled_group(group, "coupled group")
@@ -354,10 +341,7 @@ class CoupledAdam(torch.optim.Optimizer):
             self._moments_and_column_sums(entry.col_sum_H, group, grad, local_state, geometry)
         for geometry, device in self._empty_pieces:
             self._column_sums_entry(sums, geometry, device)
-        start = time.perf_counter()
-        pending = start_allreduce_column_sums_(sums)
-        self.last_reduce_seconds = time.perf_counter() - start
-        return _CoupledFinish(self, pieces, sums, pending)
+        return pieces, sums, start_allreduce_column_sums_(sums)
 
     def _coupled_updates(self, pieces: list[tuple], sums: dict[str, ColumnSums]) -> None:
         """Phase 2 of every piece, with the reduced column sums."""

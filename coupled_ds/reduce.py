@@ -11,13 +11,13 @@ can step its other parameters while the sums are in flight.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["ColumnSums", "PendingReduction", "allreduce_column_sums_",
-           "start_allreduce_column_sums_"]
+__all__ = ["ColumnSums", "PendingReduction", "start_allreduce_column_sums_"]
 
 
 @dataclass
@@ -59,10 +59,12 @@ class PendingReduction:
         # (buffer, the tensor on the collective's device, pending work, the remaining groups,
         #  the parts to copy the result back into)
         self._batches: list[tuple] = []
-        self.sent = 0
+        self.sent = 0  # bytes this rank sent into all-reduces
+        self.seconds = 0.0  # spent starting them and in wait() (which includes slower ranks)
 
     def wait(self) -> int:
         """Finish every reduction, leave the sums in the callers' tensors; returns bytes sent."""
+        start = time.perf_counter()
         batches, self._batches = self._batches, []
         for buffer, moved, work, rest, parts in batches:
             work.wait()
@@ -76,6 +78,7 @@ class PendingReduction:
                 for part in parts:
                     part.copy_(buffer[offset : offset + part.numel()])
                     offset += part.numel()
+        self.seconds += time.perf_counter() - start
         return self.sent
 
 
@@ -92,6 +95,7 @@ def start_allreduce_column_sums_(sums_by_key: dict[str, ColumnSums]) -> PendingR
         batches.setdefault(batch_id, []).append(key)
         group_lists[batch_id] = groups
     pending = PendingReduction()
+    start = time.perf_counter()
     for batch_id, keys in batches.items():
         parts = [sums_by_key[k].col_sum_H for k in keys]
         buffer = torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -101,12 +105,5 @@ def start_allreduce_column_sums_(sums_by_key: dict[str, ColumnSums]) -> PendingR
         work = dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=first, async_op=True)
         pending.sent += moved.numel() * moved.element_size()
         pending._batches.append((buffer, moved, work, rest, parts))
+    pending.seconds = time.perf_counter() - start
     return pending
-
-
-def allreduce_column_sums_(sums_by_key: dict[str, ColumnSums]) -> int:
-    """All-reduce (sum) every distributed entry in place over its groups.
-
-    Returns the number of bytes this rank sent into all-reduces (for benchmarks).
-    """
-    return start_allreduce_column_sums_(sums_by_key).wait()

@@ -243,6 +243,16 @@ def _maybe_fail(args: argparse.Namespace, step: int, rank: int, world: int) -> N
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def save_results(save_dir: Path, data_dir: Path, state: dict[str, torch.Tensor],
+                 metrics: dict[str, Any], name: str) -> None:
+    """What a finished run leaves in ``save_dir`` (rank 0): ``final_model.pt`` (the full state
+    dict), ``token_counts.npy`` (for the frequency metrics), ``metrics.json``; one done line."""
+    torch.save(state, save_dir / "final_model.pt")
+    shutil.copyfile(data_dir / "token_counts.npy", save_dir / "token_counts.npy")
+    (save_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(f"[{name}] done: {json.dumps(metrics)}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
@@ -325,14 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
     state = _full_state_dict(engine)
     if rank == 0:
-        torch.save(state, save_dir / "final_model.pt")
-        shutil.copyfile(data_dir / "token_counts.npy", save_dir / "token_counts.npy")
         metrics = {"optimizer": cfg["optimizer"]["type"], "steps": args.steps, "world_size": world,
                    "zero_stage": engine.zero_optimization_stage(), "val_loss": val,
                    "train_loss": loss_value, "seconds_this_launch": train_s, "resumed_from": start,
                    **embedding_summary(state["wte.weight"], corpus.counts_V)}
-        (save_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        print(f"[train_ds] done: {json.dumps(metrics)}", flush=True)
+        save_results(save_dir, data_dir, state, metrics, "train_ds")
     dist.barrier()
     # Tear the process group down before exit: a rank whose gloo threads still serve another at
     # interpreter exit can abort ("terminate called without an active exception").

@@ -25,11 +25,9 @@ dict), ``metrics.json`` and ``token_counts.npy``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data as corpus_data  # noqa: E402  (examples/data.py)
 from gpt import GPT, GPTConfig  # noqa: E402  (examples/gpt.py)
-from train_ds import batch  # noqa: E402  (same batches as the DeepSpeed example)
+from train_ds import batch, save_results  # noqa: E402  (as the DeepSpeed example)
 
 from coupled_ds import CoupledAdam, coupled_param_groups  # noqa: E402
 from coupled_ds.metrics import embedding_metrics, log_frequencies  # noqa: E402
@@ -239,13 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                 cpu_offload=True))
     if rank == 0:
-        torch.save({k: v.float() for k, v in full.items()}, save_dir / "final_model.pt")
-        shutil.copyfile(data_dir / "token_counts.npy", save_dir / "token_counts.npy")
         metrics = {"optimizer": args.optimizer, "steps": args.steps, "world_size": world,
                    "dp": dp, "tp": mesh["tp"].size(), "val_loss": val, "train_loss": loss_value,
                    "seconds_this_launch": train_s, "resumed_from": start, **quality}
-        (save_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        print(f"[train_fsdp2] done: {json.dumps(metrics)}", flush=True)
+        save_results(save_dir, data_dir, {k: v.float() for k, v in full.items()}, metrics,
+                     "train_fsdp2")
     dist.barrier()
     dist.destroy_process_group()
     return 0
